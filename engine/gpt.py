@@ -1,0 +1,336 @@
+"""The GPT of the nanochat recipe: one dial (depth), no biases, fp32 master weights.
+
+Reads top to bottom: config, helpers, attention, MLP, block, GPT. The parameter names and
+shapes are the checkpoint contract (SPEC §2); the math is SPEC §3. Ops go through the public
+functions of `kernels`, which run the Triton kernels on CUDA when `impl="triton"` and the
+PyTorch references otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+HEAD_DIM = 128
+VE_GATE_CHANNELS = 12  # leading channels of the attention input that drive the value-embedding gate
+SMEAR_CHANNELS = 24  # leading channels of the embedding that drive the smear gate
+SOFTCAP = 15.0
+ROPE_BASE = 100_000
+IMPLS = ("torch", "triton")
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self) -> None:
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.n_embd != self.n_head * HEAD_DIM:
+            raise ValueError(f"n_embd ({self.n_embd}) must equal n_head * {HEAD_DIM} ({self.n_head * HEAD_DIM})")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise ValueError(f"window_pattern must be a non-empty string of S and L, got {self.window_pattern!r}")
+        self.window_pattern = self.window_pattern.upper()
+
+    @classmethod
+    def from_depth(cls, depth: int, **overrides) -> GPTConfig:
+        """n_embd = depth*64 rounded up to a multiple of 128; heads of 128; everything else default."""
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+        n_embd = -(-depth * 64 // HEAD_DIM) * HEAD_DIM
+        n_head = n_embd // HEAD_DIM
+        kw = dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_sizes(config: GPTConfig) -> list[int]:
+    """Per-layer attention window: L = sequence_len, S = ceil(T/4/128)*128; last layer always L."""
+    T = config.sequence_len
+    short = min(T, -(-T // (4 * 128)) * 128)
+    pattern = config.window_pattern
+    sizes = [T if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
+    sizes[-1] = T
+    return sizes
+
+
+def has_value_embed(layer_idx: int, n_layer: int) -> bool:
+    """Alternating layers carry a value embedding, the last one always."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x: torch.Tensor, impl: str = "torch") -> torch.Tensor:
+    return kernels.rms_norm(x, impl=_op_impl(impl))
+
+
+def _op_impl(impl: str) -> str:
+    # "triton" lets each op choose its kernel where one exists for the tensors' device.
+    return "auto" if impl == "triton" else "torch"
+
+
+class Linear(nn.Linear):
+    """A bias-free Linear whose fp32 master weight is cast to the activation dtype in forward."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        C = config.n_embd
+        self.c_q = Linear(C, self.n_head * HEAD_DIM)
+        self.c_k = Linear(C, self.n_kv_head * HEAD_DIM)
+        self.c_v = Linear(C, self.n_kv_head * HEAD_DIM)
+        self.c_proj = Linear(C, C)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, window: int, impl: str) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, HEAD_DIM)  # (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, HEAD_DIM)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, HEAD_DIM)  # (B, T, Hkv, D)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, HEAD_DIM)
+        q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=_op_impl(impl))
+        y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=_op_impl(impl))  # (B, T, H, D)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, impl=_op_impl(impl))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window: int, impl: str) -> torch.Tensor:
+        x = x + self.attn(norm(x, impl), ve, cos, sin, window, impl)
+        return x + self.mlp(norm(x, impl), impl)
+
+
+class GPT(nn.Module):
+    """Build on the meta device, then `to_empty(device=...)` and `init_weights()` (see `build_model`)."""
+
+    def __init__(self, config: GPTConfig, impl: str = "torch") -> None:
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.config, self.impl = config, impl
+        L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
+        kv_dim = config.n_kv_head * HEAD_DIM
+        self.transformer = nn.ModuleDict(
+            dict(wte=nn.Embedding(Vp, C), h=nn.ModuleList(Block(config, i) for i in range(L)))
+        )
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(Vp, kv_dim) for i in range(L) if has_value_embed(i, L)}
+        )
+        self.lm_head = Linear(C, Vp)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.windows = window_sizes(config)
+        # Rotary tables for 10x the training length (enough for long generations); not saved.
+        self.rotary_seq_len = 10 * config.sequence_len
+        cos, sin = self._rotary_tables(self.rotary_seq_len, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _rotary_tables(seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of angle t * base^(-2j/D), shape (1, seq_len, 1, D/2), fp32."""
+        j = torch.arange(0, HEAD_DIM, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (ROPE_BASE ** (j / HEAD_DIM))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        angle = torch.outer(t, inv_freq)
+        return angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self, compute_dtype: torch.dtype | None = None) -> None:
+        """SPEC §4 initialization; embeddings are stored in the compute dtype (bf16 on GPU)."""
+        C, L = self.config.n_embd, self.config.n_layer
+        s = math.sqrt(3) / math.sqrt(C)
+        self.transformer.wte.weight.normal_(0.0, 0.8)
+        self.lm_head.weight.normal_(0.0, 0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                lin.weight.uniform_(-s, s)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
+            block.mlp.c_proj.weight.zero_()
+            if block.attn.ve_gate is not None:
+                block.attn.ve_gate.weight.uniform_(0.0, 0.02)
+        for emb in self.value_embeds.values():
+            emb.weight.uniform_(-s, s)
+        self.smear_gate.weight.uniform_(0.0, 0.02)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        i = torch.arange(L, dtype=torch.float32)
+        self.resid_lambdas.copy_(1.15 - 0.10 * i / max(L - 1, 1))
+        self.x0_lambdas.copy_(0.20 - 0.15 * i / max(L - 1, 1))
+        cos, sin = self._rotary_tables(self.rotary_seq_len, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        if compute_dtype is not None:
+            self.set_compute_dtype(compute_dtype)
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Store the embedding tables in the activation dtype; Linear weights stay fp32 masters."""
+        self.transformer.wte.to(dtype=dtype)
+        self.value_embeds.to(dtype=dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # ---- accounting -------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts by group; `scaling` = transformer.h + lm_head (what the recipe scales with)."""
+        h = sum(p.numel() for p in self.transformer.h.parameters())
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "transformer_h": h,
+            "lm_head": self.lm_head.weight.numel(),
+            "scalars": sum(p.numel() for n, p in self.named_parameters() if "lambda" in n or n.startswith("smear")),
+        }
+        counts["scaling"] = h + counts["lm_head"]
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def flops_per_token(self) -> int:
+        """6 * (weights of every Linear, lm_head included) + sum over layers of 12 * H * D * min(window, T).
+
+        Counted from the modules' declared shapes, so swapping a Linear's implementation keeps the count."""
+        linear = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        T = self.config.sequence_len
+        attn = sum(12 * self.config.n_head * HEAD_DIM * min(w, T) for w in self.windows)
+        return 6 * linear + attn
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _check_idx(self, idx: torch.Tensor) -> None:
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be int64 or int32, got {idx.dtype}")
+        if idx.ndim != 2:
+            raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
+        if idx.size(1) > self.rotary_seq_len:
+            raise ValueError(f"sequence of {idx.size(1)} tokens exceeds the rotary cache ({self.rotary_seq_len})")
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> loss (mean scalar, or (B, T) with loss_reduction="none") when targets
+        are given, else fp32 softcapped logits (B, T, vocab_size)."""
+        self._check_idx(idx)
+        B, T = idx.shape
+        impl = self.impl
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx), impl)  # (B, T, C) in the compute dtype
+        if T > 1:  # smear: mix the previous token's embedding in, gated by the current one
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0, x_mid = x, None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i], impl)
+            if i == self.config.n_layer // 2:
+                x_mid = x
+        if x_mid is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
+        x = norm(x, impl)
+        V = self.config.vocab_size
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+            return kernels.linear_softcap_cross_entropy(
+                x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
+                reduction=loss_reduction, vocab_size=V, impl=_op_impl(impl),
+            )
+        logits = self.lm_head(x)[..., :V].float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42):
+        """Naive sampling without a KV cache (recomputes the prefix each step); yields token ids."""
+        device = self.lm_head.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self(ids[:, -self.rotary_seq_len:])[:, -1, :]
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=rng)
+            ids = torch.cat([ids, nxt], dim=1)
+            yield int(nxt)
+
+
+def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,
+                init: bool = True) -> GPT:
+    """Build on the meta device (no allocation), materialize on `device`, initialize.
+
+    compute_dtype defaults to bf16 on CUDA and fp32 elsewhere."""
+    device = torch.device(device)
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        model = GPT(config, impl=impl)
+    model.to_empty(device=device)
+    if init:
+        model.init_weights(compute_dtype)
+    else:
+        model.set_compute_dtype(compute_dtype)
+        cos, sin = model._rotary_tables(model.rotary_seq_len, device=device)
+        model.cos.copy_(cos)
+        model.sin.copy_(sin)
+    return model

@@ -1,0 +1,35 @@
+"""Fused ops, one file each: a public function (Triton on CUDA when a kernel exists) and its ``*_ref``."""
+
+from kernels._dispatch import resolve_impl
+from kernels.attention import flash_attention, flash_attention_ref
+from kernels.cross_entropy import (
+    linear_softcap_cross_entropy,
+    linear_softcap_cross_entropy_ref,
+    softcap_cross_entropy,
+    softcap_cross_entropy_ref,
+)
+from kernels.mlp import relu2_mlp, relu2_mlp_ref
+from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
+from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
+
+__all__ = [
+    "POLAR_EXPRESS_COEFFS",
+    "apply_rope",
+    "apply_rope_ref",
+    "flash_attention",
+    "flash_attention_ref",
+    "linear_softcap_cross_entropy",
+    "linear_softcap_cross_entropy_ref",
+    "polar_express",
+    "polar_express_ref",
+    "relu2_mlp",
+    "relu2_mlp_ref",
+    "resolve_impl",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_qk_norm",
+    "rope_qk_norm_ref",
+    "softcap_cross_entropy",
+    "softcap_cross_entropy_ref",
+]

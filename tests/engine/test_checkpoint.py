@@ -1,0 +1,98 @@
+"""Checkpoint save/load: round trip, atomicity, validation and old-format patching."""
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint import (
+    CheckpointError, find_last_step, load_checkpoint, load_model, meta_path, model_path, save_checkpoint,
+)
+from engine.gpt import GPTConfig, build_model
+
+
+def make(depth=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_depth(depth, vocab_size=200, sequence_len=32)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save(model, d, step=5, **meta):
+    save_checkpoint(d, step, model.state_dict(), {"x": torch.ones(3)},
+                    {"step": step, "model_config": model.config.to_dict(), **meta})
+
+
+def test_save_load_identical_logits(tmp_path):
+    model = make()
+    save(model, tmp_path)
+    loaded, meta = load_model(tmp_path)
+    idx = torch.randint(0, 200, (2, 20))
+    torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+    assert meta["step"] == 5 and find_last_step(tmp_path) == 5
+    _, optim, _ = load_checkpoint(tmp_path, 5, load_optimizer=True)
+    assert torch.equal(optim["x"], torch.ones(3))
+
+
+def test_truncated_model_file(tmp_path):
+    save(make(), tmp_path)
+    p = model_path(tmp_path, 5)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path, 5)
+
+
+def test_mismatched_checkpoint(tmp_path):
+    model = make(depth=2)
+    other = make(depth=3)
+    save_checkpoint(tmp_path, 1, other.state_dict(), None, {"step": 1, "model_config": model.config.to_dict()})
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_model(tmp_path, 1)
+
+
+def test_bad_meta(tmp_path):
+    save(make(), tmp_path)
+    meta_path(tmp_path, 5).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path, 5)
+    meta_path(tmp_path, 5).write_text(json.dumps({"step": 5, "model_config": {"n_layer": 2, "bogus": 1}}))
+    with pytest.raises(CheckpointError, match="unknown fields"):
+        load_model(tmp_path, 5)
+    with pytest.raises(FileNotFoundError):
+        find_last_step(tmp_path / "nope")
+
+
+def test_compiled_prefix_and_old_config(tmp_path):
+    """`_orig_mod.` prefixes are stripped; a missing window_pattern means all-long; missing lambdas get 1 and 0."""
+    model = make()
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items() if "lambdas" not in k}
+    cfg = model.config.to_dict()
+    del cfg["window_pattern"]
+    save_checkpoint(tmp_path, 7, state, None, {"step": 7, "model_config": cfg})
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config.window_pattern == "L"
+    assert torch.equal(loaded.resid_lambdas, torch.ones(2)) and torch.equal(loaded.x0_lambdas, torch.zeros(2))
+    torch.testing.assert_close(loaded.transformer.h[1].mlp.c_fc.weight, model.transformer.h[1].mlp.c_fc.weight)
+
+
+def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
+    model = make()
+    save(model, tmp_path, step=5)
+    before = model_path(tmp_path, 5).read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tmp_path, step=5)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tmp_path, step=6)
+    monkeypatch.undo()
+    assert model_path(tmp_path, 5).read_bytes() == before
+    assert not model_path(tmp_path, 6).exists() and find_last_step(tmp_path) == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,156 @@
+"""The model against SPEC §1–5: names and shapes, counts, FLOPs, init, loss, input checks."""
+
+import math
+
+import pytest
+import torch
+
+from engine.gpt import GPT, GPTConfig, build_model, window_sizes
+
+
+def spec_state_dict_shapes(depth: int, vocab: int = 32768) -> dict[str, tuple]:
+    """SPEC §2, restated independently of the model code."""
+    C = math.ceil(depth * 64 / 128) * 128
+    H = C // 128
+    Vp = math.ceil(vocab / 64) * 64
+    shapes = {"transformer.wte.weight": (Vp, C), "lm_head.weight": (Vp, C), "resid_lambdas": (depth,),
+              "x0_lambdas": (depth,), "smear_gate.weight": (1, 24), "smear_lambda": (1,), "backout_lambda": (1,)}
+    for i in range(depth):
+        p = f"transformer.h.{i}."
+        shapes.update({p + "attn.c_q.weight": (H * 128, C), p + "attn.c_k.weight": (H * 128, C),
+                       p + "attn.c_v.weight": (H * 128, C), p + "attn.c_proj.weight": (C, C),
+                       p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)})
+        if i % 2 == (depth - 1) % 2:
+            shapes[p + "attn.ve_gate.weight"] = (H, 12)
+            shapes[f"value_embeds.{i}.weight"] = (Vp, H * 128)
+    return shapes
+
+
+def meta_model(depth: int, **kw) -> GPT:
+    with torch.device("meta"):
+        return GPT(GPTConfig.from_depth(depth, **kw))
+
+
+@pytest.mark.parametrize("depth", [4, 12, 24])
+def test_state_dict_matches_spec(depth):
+    sd = meta_model(depth).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == spec_state_dict_shapes(depth)
+
+
+@pytest.mark.parametrize("depth,C", [(12, 768), (20, 1280), (24, 1536), (26, 1664), (1, 128), (3, 256)])
+def test_width_from_depth(depth, C):
+    cfg = GPTConfig.from_depth(depth)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head) == (C, C // 128, C // 128)
+
+
+def test_depth24_scaling_params_and_flops():
+    model = meta_model(24)
+    assert model.num_params()["scaling"] == 729_810_624
+    assert model.flops_per_token() == pytest.approx(4.775e9, rel=1e-3)
+
+
+def test_window_pattern():
+    cfg = GPTConfig.from_depth(8, sequence_len=2048)
+    assert window_sizes(cfg) == [512, 512, 512, 2048, 512, 512, 512, 2048]
+    cfg = GPTConfig.from_depth(3, sequence_len=2048, window_pattern="SL")
+    assert window_sizes(cfg) == [512, 2048, 2048]  # last layer always long
+    assert window_sizes(GPTConfig.from_depth(2, sequence_len=100)) == [100, 100]  # S capped at T
+    with pytest.raises(ValueError, match="window_pattern"):
+        GPTConfig.from_depth(2, window_pattern="SXL")
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="depth"):
+        GPTConfig.from_depth(0)
+    with pytest.raises(ValueError, match="multiple"):
+        GPTConfig.from_depth(4, n_kv_head=3)
+
+
+def test_init_values():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(4, vocab_size=512, sequence_len=64))
+    L = 4
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15 - 0.10 * i / (L - 1) for i in range(L)]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20 - 0.15 * i / (L - 1) for i in range(L)]))
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.smear_lambda.item() == 0
+    s = math.sqrt(3) / math.sqrt(256)
+    h0 = model.transformer.h[0]
+    assert h0.attn.c_q.weight.abs().max() <= s and h0.mlp.c_fc.weight.abs().max() <= 0.4 * s
+    assert h0.attn.c_proj.weight.count_nonzero() == 0 and h0.mlp.c_proj.weight.count_nonzero() == 0
+    assert 0.7 < model.transformer.wte.weight.std().item() < 0.9
+    assert model.lm_head.weight.std().item() < 0.002
+
+
+def test_initial_loss_near_log_vocab():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, vocab_size=32768, sequence_len=64))
+    idx = torch.randint(0, 32768, (2, 64))
+    loss = model(idx, torch.randint(0, 32768, (2, 64)))
+    assert abs(loss.item() - math.log(32768)) < 0.05
+
+
+def test_logits_shape_and_softcap():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, vocab_size=300, sequence_len=32))  # padded to 320
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 10.0)  # large logits: softcap must bound them
+    logits = model(torch.randint(0, 300, (3, 17)))
+    assert logits.shape == (3, 17, 300) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0
+
+
+def test_loss_none_matches_mean():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, vocab_size=256, sequence_len=32))
+    idx, tgt = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    tgt[0, :5] = -1
+    per_tok = model(idx, tgt, loss_reduction="none")
+    assert per_tok.shape == (2, 32) and (per_tok[0, :5] == 0).all()
+    torch.testing.assert_close(model(idx, tgt), per_tok.sum() / (tgt >= 0).sum())
+
+
+def test_causality():
+    """Changing a future token must not change earlier logits (smear and windows included)."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(4, vocab_size=256, sequence_len=32))
+    with torch.no_grad():  # make every path non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 256, (1, 24))
+    idx2 = idx.clone()
+    idx2[0, 15] = (idx[0, 15] + 1) % 256
+    a, b = model(idx), model(idx2)
+    torch.testing.assert_close(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+def test_overfits_one_batch():
+    from train.optim import MuonAdamW, build_param_groups
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, vocab_size=128, sequence_len=32))
+    opt = MuonAdamW(build_param_groups(model, 0.008, 0.3, 0.02, 0.5, 0.0))
+    idx = torch.randint(0, 128, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    first = None
+    for _ in range(60):
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    assert first > 4.5 and loss.item() < 0.5, (first, loss.item())
+
+
+def test_bad_inputs():
+    model = build_model(GPTConfig.from_depth(1, vocab_size=100, sequence_len=16))
+    with pytest.raises(ValueError, match="token id 100 out of range"):
+        model(torch.tensor([[1, 2, 100]]))
+    with pytest.raises(ValueError, match="token id -3 out of range"):
+        model(torch.tensor([[1, -3]]))
+    with pytest.raises(ValueError, match="rotary cache"):
+        model(torch.zeros(1, 161, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="impl"):
+        GPT(GPTConfig.from_depth(1), impl="cuda")

@@ -1,0 +1,81 @@
+"""resolve_impl and the impl= keyword of every public op."""
+
+import pytest
+import torch
+
+import kernels
+from kernels import resolve_impl
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_resolve_torch_always_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("torch", _rand(3), available=True) == "torch"
+    assert resolve_impl("torch", _rand(3), available=False) == "torch"
+
+
+def test_resolve_auto_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = _rand(3)
+    assert resolve_impl("auto", x, available=True) == "torch"
+    assert resolve_impl("auto", x, available=False) == "torch"
+
+
+def test_resolve_auto_reads_env_at_call_time(monkeypatch):
+    x = _rand(3)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", x, None, available=True) == "triton"
+    assert resolve_impl("auto", x, available=False) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", x, available=True) == "torch"
+
+
+def test_resolve_triton_without_kernel_raises():
+    with pytest.raises(NotImplementedError, match="no Triton kernel"):
+        resolve_impl("triton", _rand(3), available=False)
+    assert resolve_impl("triton", _rand(3), available=True) == "triton"
+
+
+@pytest.mark.parametrize("impl", ["bogus", "Torch", "", "cuda"])
+def test_resolve_unknown_impl(impl):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl(impl, _rand(3), available=True)
+
+
+def _calls():
+    x = _rand(2, 5, 8, seed=1)
+    q, k = _rand(1, 3, 4, 8, seed=2), _rand(1, 3, 2, 8, seed=3)
+    cos, sin = _rand(1, 3, 1, 4, seed=4), _rand(1, 3, 1, 4, seed=5)
+    targets = torch.tensor([[0, 1, 2, 3, -1], [4, 5, 6, 7, 0]])
+    return {
+        "rms_norm": lambda impl: kernels.rms_norm(x, impl=impl),
+        "apply_rope": lambda impl: kernels.apply_rope(q, cos, sin, impl=impl),
+        "rope_qk_norm": lambda impl: kernels.rope_qk_norm(q, k, cos, sin, impl=impl),
+        "relu2_mlp": lambda impl: kernels.relu2_mlp(x, _rand(32, 8), _rand(8, 32), impl=impl),
+        "softcap_cross_entropy": lambda impl: kernels.softcap_cross_entropy(x, targets, impl=impl),
+        "linear_softcap_cross_entropy": lambda impl: kernels.linear_softcap_cross_entropy(
+            x, _rand(10, 8), targets, impl=impl),
+        "flash_attention": lambda impl: kernels.flash_attention(q, k, k, impl=impl),
+        "polar_express": lambda impl: kernels.polar_express(_rand(3, 4, 6), impl=impl),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_calls()))
+def test_public_ops_impl_keyword(op, monkeypatch):
+    call = _calls()[op]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.testing.assert_close(call("auto"), call("torch"), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.testing.assert_close(call("auto"), call("torch"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError):
+        call("triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        call("bogus")
+
+
+def test_exports():
+    for name in kernels.__all__:
+        assert hasattr(kernels, name), name

@@ -1,0 +1,244 @@
+"""The training loop as functions: `train(cfg)` runs it, `train_step`, `evaluate_bpb` and the schedules
+in train.config are usable alone. Nothing runs at import."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
+from engine.gpt import GPT, build_model
+from engine.paths import get_base_dir
+from engine.tokenizer import Tokenizer, load_token_bytes
+from train import data
+from train.config import TrainConfig, TrainPlan, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay
+from train.optim import MuonAdamW, build_param_groups
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SAMPLE_PROMPTS = ["Return the", "This module provides", "The default value is", "If the"]
+
+
+# ---- setup -------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name} but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
+    return dtypes[name]
+
+
+def resolve_impl(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in ("torch", "triton"):
+        raise ValueError(f"--impl must be auto, torch or triton; got {name!r}")
+    return name
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of one GPU (SPEC §5), or None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def load_tokenizer(base_dir: Path) -> tuple[Tokenizer, torch.Tensor]:
+    tok_dir = base_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.pkl").exists():
+        raise FileNotFoundError(f"no tokenizer in {tok_dir}: train one first with `python -m scripts.tok_train`")
+    return Tokenizer.from_directory(tok_dir), load_token_bytes(tok_dir)
+
+
+# ---- steps -------------------------------------------------------------------------------------
+def set_schedules(opt: MuonAdamW, step: int, cfg: TrainConfig, plan: TrainPlan) -> float:
+    """Apply the lr multiplier, Muon momentum and Muon weight decay of `step`; returns the lr multiplier."""
+    lrm = lr_multiplier(step, plan.num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * lrm
+        if g["kind"] == "muon":
+            g["momentum"] = muon_momentum(step, plan.num_iterations, cfg.warmdown_ratio)
+            g["weight_decay"] = muon_weight_decay(step, plan.num_iterations, plan.matrix_weight_decay)
+    return lrm
+
+
+def train_step(model: GPT, opt: MuonAdamW, batches, grad_accum_steps: int) -> float:
+    """Forward/backward over `grad_accum_steps` micro-batches, then one optimizer step; returns the mean loss."""
+    total = 0.0
+    for _ in range(grad_accum_steps):
+        x, y = next(batches)
+        loss = model(x, y)
+        (loss / grad_accum_steps).backward()
+        total += loss.detach().float().item()
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    return total / grad_accum_steps
+
+
+@torch.no_grad()
+def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor) -> float:
+    """Bits per byte: summed loss in nats / (ln 2 * summed target byte lengths); special and ignored
+    targets (byte length 0, or -1) are excluded."""
+    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    for _ in range(num_steps):
+        x, y = next(batches)
+        loss = model(x, y, loss_reduction="none").view(-1).double()
+        y = y.view(-1)
+        valid = y >= 0
+        b = torch.where(valid, token_bytes[y.clamp_min(0)], torch.zeros_like(y)).double()
+        nats += (loss * (b > 0)).sum()
+        nbytes += b.sum()
+    if nbytes.item() == 0:
+        raise ValueError("validation batches contain no scorable bytes")
+    return (nats / (math.log(2) * nbytes)).item()
+
+
+@torch.no_grad()
+def sample(model: GPT, tokenizer: Tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 24) -> list[str]:
+    out = []
+    bos = tokenizer.get_bos_token_id()
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=bos)
+        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        if bos in gen:
+            gen = gen[: gen.index(bos)]
+        out.append(prompt + tokenizer.decode(gen))
+    return out
+
+
+def _format_eta(seconds: float) -> str:
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Train per `cfg`. `stop_after` ends the run after that many steps of this invocation without the
+    end-of-run evaluation (a simulated interruption). Returns {"losses": {step: loss}, "val_bpb": {...}, ...}."""
+    say = (lambda *a, **k: None) if cfg.quiet else print
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    impl = resolve_impl(cfg.impl, device)
+    base_dir = Path(cfg.base_dir or get_base_dir())
+    tokenizer, token_bytes = load_tokenizer(base_dir)
+    token_bytes = token_bytes.to(device)
+    data_dir = Path(cfg.data) if cfg.data else data.ensure_default_corpus(base_dir)
+    files = data.list_data_files(data_dir)
+    plan = configs_from_depth(cfg, tokenizer.get_vocab_size())
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else base_dir / "base_checkpoints" / f"d{cfg.depth}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype)
+    opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
+                                       plan.matrix_weight_decay, plan.lr_scale))
+    step, loader_state, loop_state = 0, None, {"total_time": 0.0, "smooth_loss": None}
+    if cfg.resume_from_step >= 0:
+        model_state, optim_state, meta = load_checkpoint(run_dir, cfg.resume_from_step, device=device,
+                                                         load_optimizer=True)
+        if meta["model_config"] != plan.model_config.to_dict():
+            raise ValueError(f"checkpoint model_config {meta['model_config']} differs from this run's "
+                             f"{plan.model_config.to_dict()}")
+        model.load_state_dict(patch_state_dict(model_state, model), strict=True)
+        opt.load_state_dict(optim_state)
+        step, loader_state = meta["step"], meta["dataloader_state_dict"]
+        loop_state = meta.get("loop_state", loop_state)
+        say(f"resumed from step {step} in {run_dir}")
+
+    T, B = cfg.max_seq_len, cfg.device_batch_size
+    train_files = data.split_files(files, "train")
+    loader = data.PackedLoader(tokenizer, train_files, B, T, device=device, state=loader_state)
+    batches = iter(loader)
+    eval_steps = max(1, cfg.eval_tokens // (B * T))
+    peak = peak_flops(device)
+    counts = model.num_params()
+    say(f"model: depth {cfg.depth}, {counts['total']:,} params ({counts['scaling']:,} scaling), "
+        f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype}, impl={impl}")
+    for note in plan.notes:
+        say("  " + note)
+    say(f"  grad accumulation {plan.grad_accum_steps} x {B} x {T} tokens; data {data_dir}; run dir {run_dir}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    result = {"losses": {}, "val_bpb": {}, "samples": [], "plan": plan.to_dict(), "run_dir": str(run_dir)}
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(at_step: int) -> None:
+        meta = {"step": at_step, "val_bpb": result["val_bpb"].get(at_step), "model_config": plan.model_config.to_dict(),
+                "user_config": asdict(cfg), "device_batch_size": B, "max_seq_len": T,
+                "total_batch_size": plan.total_batch_size, "dataloader_state_dict": loader.state_dict(),
+                "loop_state": loop_state}
+        save_checkpoint(run_dir, at_step, model.state_dict(), opt.state_dict(), meta)
+        say(f"saved checkpoint at step {at_step} to {run_dir}")
+
+    def every(n: int, s: int) -> bool:
+        return n > 0 and s % n == 0
+
+    start_step, N = step, plan.num_iterations
+    while True:
+        last = step == N
+        resumed_here = step == start_step and cfg.resume_from_step >= 0
+        if (last or every(cfg.eval_every, step)) and not resumed_here:
+            model.eval()
+            val = data.PackedLoader(tokenizer, data.split_files(files, "val"), B, T, device=device)
+            bpb = evaluate_bpb(model, iter(val), eval_steps, token_bytes)
+            model.train()
+            result["val_bpb"][step] = bpb
+            say(f"step {step:05d} | validation bpb {bpb:.4f}")
+            log({"step": step, "val_bpb": bpb})
+        if (last or every(cfg.sample_every, step)) and step > 0 and not resumed_here:
+            model.eval()
+            result["samples"] = sample(model, tokenizer)
+            model.train()
+            for s in result["samples"]:
+                say("  sample: " + s.replace("\n", "\\n"))
+        if (last or every(cfg.save_every, step)) and step > start_step:
+            save(step)
+        if last or (stop_after is not None and step - start_step >= stop_after):
+            break
+        lrm = set_schedules(opt, step, cfg, plan)
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, batches, plan.grad_accum_steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
+        if step > start_step:  # the first step of a process includes warm-up/compilation
+            loop_state["total_time"] += dt
+            loop_state["timed_steps"] = loop_state.get("timed_steps", 0) + 1
+        sl = loop_state["smooth_loss"]
+        loop_state["smooth_loss"] = loss if sl is None else 0.9 * sl + 0.1 * loss
+        result["losses"][step] = loss
+        tok_s = plan.total_batch_size / dt
+        mfu = f"{100 * plan.flops_per_token * tok_s / peak:.1f}%" if peak else "n/a"
+        done = step + 1
+        timed = loop_state.get("timed_steps", 0)
+        eta = (N - done) * loop_state["total_time"] / timed if timed else float("nan")
+        if every(cfg.log_every, step) or done == N:
+            say(f"step {done:05d}/{N:05d} ({100 * done / N:5.1f}%) | loss {loss:.4f} | lrm {lrm:.3f} | "
+                f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu} | eta {_format_eta(eta) if eta == eta else '-'}")
+        log({"step": done, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s,
+             "mfu": None if not peak else plan.flops_per_token * tok_s / peak})
+        step = done
+    result["final_step"] = step
+    return result

@@ -1,0 +1,145 @@
+"""MuonAdamW: Muon (Polar Express + NorMuon + cautious weight decay) for the block matrices, AdamW for
+the rest (SPEC §6). This is the PyTorch reference path; it runs on any device.
+
+Each parameter group has a `kind`: "adamw" (per-parameter update) or "muon" (parameters of one
+shape, updated together as a (K, m, n) stack). Optimizer state is kept per parameter, so the
+state_dict is the standard torch one and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+
+
+def _frob(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each matrix of a (K, m, n) stack, shape (K, 1, 1), fp32."""
+    return x.float().square().sum(dim=(-2, -1), keepdim=True).sqrt()
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch") -> None:
+        """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere)."""
+        for g in param_groups:
+            if g.get("kind") not in ("adamw", "muon"):
+                raise ValueError(f"each param group needs kind 'adamw' or 'muon', got {g.get('kind')!r}")
+            if g["kind"] == "muon" and len({tuple(p.shape) for p in g["params"]}) != 1:
+                raise ValueError("a muon group must hold parameters of one shape")
+            g.setdefault("initial_lr", g["lr"])
+        defaults = dict(lr=0.0, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, beta2=0.9, ns_steps=5)
+        super().__init__(param_groups, defaults)
+        self.ns_dtype, self.impl = ns_dtype, impl
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonAdamW.step does not take a closure")
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._adamw(p, group)
+            else:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._muon(params, group)
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2); p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        t, (b1, b2), lr, wd, eps = state["step"], group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        g = p.grad.float()
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.lerp_(g.square(), 1 - b2)
+        pf = p.float() * (1 - lr * wd)
+        denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+        pf.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+        p.copy_(pf)
+
+    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
+        m, n = params[0].shape
+        lr, mu, beta2, wd = group["lr"], group["momentum"], group["beta2"], group["weight_decay"]
+        reduce_last = m >= n  # NorMuon reduces over the longer side
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                vshape = (m, 1) if reduce_last else (1, n)
+                state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=p.device)
+        G = torch.stack([p.grad.float() for p in params])  # (K, m, n)
+        buf = torch.stack([self.state[p]["momentum_buffer"] for p in params])
+        buf2 = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
+        # 1. Nesterov momentum
+        buf.lerp_(G, 1 - mu)
+        G = G.lerp(buf, mu)
+        # 2. row equilibration: every row to the same norm, ||X||_F / sqrt(m)
+        ns_dtype = self.ns_dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
+        target = _frob(G) / math.sqrt(m)
+        G = G * (target / G.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        X = G.to(ns_dtype)
+        # 3. orthogonalize (normalization by 1.01*||X||_F + 1e-6 happens inside)
+        X = kernels.polar_express(X, steps=group["ns_steps"], impl=self.impl).float()
+        # 4. Muon+: Frobenius norm sqrt(min(m, n))
+        X = X * (math.sqrt(min(m, n)) / _frob(X).clamp_min(1e-12))
+        # 5. NorMuon: per-row (or per-column) second moment, norm-preserving rescale
+        v = X.square().mean(dim=-1 if reduce_last else -2, keepdim=True)
+        buf2.lerp_(v, 1 - beta2)
+        scale = buf2.clamp_min(1e-10).rsqrt()
+        Xs = X * scale
+        X = Xs * (_frob(X) / _frob(Xs).clamp_min(1e-12))
+        # 6. cautious weight decay and the update
+        lr_eff = lr * math.sqrt(max(1.0, m / n))
+        P = torch.stack([p.float() for p in params])
+        mask = (X * P) >= 0
+        P -= lr_eff * X + lr_eff * wd * P * mask
+        for i, p in enumerate(params):
+            p.copy_(P[i])
+            self.state[p]["momentum_buffer"].copy_(buf[i])
+            self.state[p]["second_momentum_buffer"].copy_(buf2[i])
+
+
+def build_param_groups(model, unembedding_lr: float, embedding_lr: float, matrix_lr: float, scalar_lr: float,
+                       matrix_weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
+    """SPEC §6 groups. `lr_scale` (sqrt(B/B_ref)) scales every lr except the smear group's fixed 0.2;
+    lm_head, wte and value_embeds lrs are also scaled by (C/768)^-0.5."""
+    C = model.config.n_embd
+    dim_scale = (C / 768) ** -0.5
+    named = dict(model.named_parameters())
+    ve = [p for n, p in named.items() if n.startswith("value_embeds.")]
+    groups = [
+        dict(kind="adamw", name="lm_head", params=[named["lm_head.weight"]],
+             lr=unembedding_lr * dim_scale * lr_scale, betas=(0.8, 0.96), weight_decay=0.01, eps=1e-10),
+        dict(kind="adamw", name="wte", params=[named["transformer.wte.weight"]],
+             lr=embedding_lr * dim_scale * lr_scale, betas=(0.8, 0.995), weight_decay=0.001, eps=1e-10),
+        dict(kind="adamw", name="value_embeds", params=ve,
+             lr=0.5 * embedding_lr * dim_scale * lr_scale, betas=(0.8, 0.995), weight_decay=0.01, eps=1e-10),
+        dict(kind="adamw", name="resid_lambdas", params=[named["resid_lambdas"]],
+             lr=0.01 * scalar_lr * lr_scale, betas=(0.8, 0.95), weight_decay=0.05, eps=1e-10),
+        dict(kind="adamw", name="x0_lambdas", params=[named["x0_lambdas"]],
+             lr=scalar_lr * lr_scale, betas=(0.96, 0.95), weight_decay=0.0, eps=1e-10),
+        dict(kind="adamw", name="smear", params=[named[k] for k in ("smear_gate.weight", "smear_lambda",
+                                                                     "backout_lambda")],
+             lr=0.2, betas=(0.8, 0.95), weight_decay=0.0, eps=1e-10),
+    ]
+    groups = [g for g in groups if g["params"]]
+    by_shape: dict[tuple, list] = {}
+    for n, p in named.items():
+        if n.startswith("transformer.h."):
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+    for shape, params in sorted(by_shape.items()):
+        groups.append(dict(kind="muon", name=f"muon_{shape[0]}x{shape[1]}", params=params, lr=matrix_lr * lr_scale,
+                           momentum=0.95, beta2=0.9, weight_decay=matrix_weight_decay, ns_steps=5))
+    covered = {id(p) for g in groups for p in g["params"]}
+    leftover = [n for n, p in named.items() if id(p) not in covered]
+    if leftover:
+        raise ValueError(f"parameters without an optimizer group: {leftover}")
+    return groups
