@@ -29,8 +29,9 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None, available: bool) -> s
         return "torch"
     if impl == "triton":
         if not available:
-            raise NotImplementedError("impl='triton' was requested but this op has no Triton kernel yet; "
-                                      "use impl='torch' or impl='auto'")
+            raise NotImplementedError(
+                "impl='triton' was requested but this op has no Triton kernel yet; use impl='torch' or impl='auto'"
+            )
         return "triton"
     if not available:
         return "torch"
@@ -42,8 +43,9 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None, available: bool) -> s
     return "torch"
 
 
-def check_tensor(name: str, t: object, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int = 0,
-                 floating: bool = True) -> torch.Tensor:
+def check_tensor(
+    name: str, t: object, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int = 0, floating: bool = True
+) -> torch.Tensor:
     """Raise TypeError/ValueError unless ``t`` is a tensor of the expected rank and (floating) dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

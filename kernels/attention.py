@@ -28,8 +28,14 @@ def attention_mask(tq: int, tk: int, window: int | None, device: torch.device | 
     return mask
 
 
-def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        window: int | None = None, scale: float | None = None) -> torch.Tensor:
+def flash_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Plain-PyTorch attention through SDPA. q (B, Tq, H, D); k, v (B, Tk, Hkv, D). Returns (B, Tq, H, D)."""
     tq, tk, h, hkv = q.size(1), k.size(1), q.size(2), k.size(2)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
@@ -46,8 +52,16 @@ def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return y.transpose(1, 2)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    window: int | None = None, scale: float | None = None, *, impl: str = "auto") -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Scaled dot-product attention, causal with an optional sliding window, GQA-aware.
 
     q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with H % Hkv == 0 and Tq <= Tk when causal (the queries are
@@ -64,14 +78,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.size(0) != k.size(0) or q.size(3) != k.size(3):
-        raise ValueError(f"q (B, Tq, H, D) and k/v (B, Tk, Hkv, D) must agree on B and D, "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q (B, Tq, H, D) and k/v (B, Tk, Hkv, D) must agree on B and D, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     h, hkv = q.size(2), k.size(2)
     if hkv == 0 or h % hkv != 0:
         raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of kv heads ({hkv})")
     if causal and q.size(1) > k.size(1):
-        raise ValueError(f"causal attention needs Tq <= Tk (queries are the last Tq positions), "
-                         f"got Tq={q.size(1)}, Tk={k.size(1)}")
+        raise ValueError(
+            f"causal attention needs Tq <= Tk (queries are the last Tq positions), got Tq={q.size(1)}, Tk={k.size(1)}"
+        )
     if window is not None:
         if type(window) is not int or window < 0:
             raise ValueError(f"window must be None or an int >= 0, got {window!r}")

@@ -17,8 +17,13 @@ _TRITON_AVAILABLE = False
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def softcap_cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = 15.0,
-                              ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
+def softcap_cross_entropy_ref(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Plain-PyTorch softcapped cross-entropy. logits (..., V) any float dtype; targets (...) integer.
 
     Returns a scalar ("mean", "sum") or losses shaped like targets ("none", 0 where ignored), in fp32
@@ -38,9 +43,15 @@ def softcap_cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, softc
     return losses.sum() / count
 
 
-def linear_softcap_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                     softcap: float | None = 15.0, ignore_index: int = -1, reduction: str = "mean",
-                                     vocab_size: int | None = None) -> torch.Tensor:
+def linear_softcap_cross_entropy_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...)."""
     logits = F.linear(x, weight.to(x.dtype))
     if vocab_size is not None:
@@ -48,15 +59,22 @@ def linear_softcap_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, targ
     return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
 
 
-def _check_ce_args(logits_shape: torch.Size, vocab: int, targets: torch.Tensor, softcap: float | None,
-                   ignore_index: int, reduction: str) -> None:
+def _check_ce_args(
+    logits_shape: torch.Size,
+    vocab: int,
+    targets: torch.Tensor,
+    softcap: float | None,
+    ignore_index: int,
+    reduction: str,
+) -> None:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.shape != logits_shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the logits' leading shape "
-                         f"{tuple(logits_shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal the logits' leading shape {tuple(logits_shape[:-1])}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if softcap is not None and softcap < 0:
@@ -67,12 +85,21 @@ def _check_ce_args(logits_shape: torch.Size, vocab: int, targets: torch.Tensor, 
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"found {int(bad.sum())} bad value(s), e.g. {first}")
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"found {int(bad.sum())} bad value(s), e.g. {first}"
+        )
 
 
-def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = 15.0,
-                          ignore_index: int = -1, reduction: str = "mean", *, impl: str = "auto") -> torch.Tensor:
+def softcap_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
     """Cross-entropy of softcapped logits, computed in fp32 (float64 for float64 logits).
 
     logits: (..., V) any floating dtype. targets: (...) integer, in [0, V) or ``ignore_index``.
@@ -86,9 +113,17 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: 
     return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
 
 
-def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 softcap: float | None = 15.0, ignore_index: int = -1, reduction: str = "mean",
-                                 vocab_size: int | None = None, *, impl: str = "auto") -> torch.Tensor:
+def linear_softcap_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
     """The lm_head projection fused with softcapped cross-entropy.
 
     x: (..., C) floating (bf16 on GPU). weight: (Vp, C), cast to x's dtype (fp32 master allowed).
@@ -100,8 +135,7 @@ def linear_softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets:
     check_tensor("weight", weight, ndim=2)
     check_same_device(x=x, weight=weight, targets=targets)
     if weight.size(1) != x.size(-1):
-        raise ValueError(f"weight must have shape (V, C) with C = x.size(-1) = {x.size(-1)}, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(f"weight must have shape (V, C) with C = x.size(-1) = {x.size(-1)}, got {tuple(weight.shape)}")
     if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= weight.size(0)):
         raise ValueError(f"vocab_size must be None or an int in [1, {weight.size(0)}], got {vocab_size!r}")
     vocab = weight.size(0) if vocab_size is None else vocab_size

@@ -34,7 +34,8 @@ def relu2_mlp(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, *, impl
     if w_fc.size(1) != x.size(-1):
         raise ValueError(f"w_fc must have shape (Hd, C) with C = x.size(-1) = {x.size(-1)}, got {tuple(w_fc.shape)}")
     if w_proj.size(1) != w_fc.size(0):
-        raise ValueError(f"w_proj must have shape (C_out, Hd) with Hd = w_fc.size(0) = {w_fc.size(0)}, "
-                         f"got {tuple(w_proj.shape)}")
+        raise ValueError(
+            f"w_proj must have shape (C_out, Hd) with Hd = w_fc.size(0) = {w_fc.size(0)}, got {tuple(w_proj.shape)}"
+        )
     resolve_impl(impl, x, w_fc, w_proj, available=_TRITON_AVAILABLE)
     return relu2_mlp_ref(x, w_fc, w_proj)

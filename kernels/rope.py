@@ -26,8 +26,9 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return torch.cat([y1, y2], dim=-1).to(x.dtype)
 
 
-def rope_qk_norm_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     scale: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk_norm_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch RoPE, then RMSNorm over head_dim (default eps), then ``* scale``, for q and k."""
     q = rms_norm_ref(apply_rope_ref(q, cos, sin)) * scale
     k = rms_norm_ref(apply_rope_ref(k, cos, sin)) * scale
@@ -46,15 +47,19 @@ def _check_rope_inputs(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     half = (*x.shape[:-1], d // 2)
     if cos.size(-1) != d // 2 or cos.size(2) != 1:
-        raise ValueError(f"cos/sin must have shape (1 or B, T, 1, {d // 2}) for {name} of shape {tuple(x.shape)}, "
-                         f"got {tuple(cos.shape)}")
+        raise ValueError(
+            f"cos/sin must have shape (1 or B, T, 1, {d // 2}) for {name} of shape {tuple(x.shape)}, "
+            f"got {tuple(cos.shape)}"
+        )
     try:
         ok = torch.broadcast_shapes(cos.shape, half) == torch.Size(half)
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not broadcast to {tuple(half)} "
-                         f"(needed for {name} of shape {tuple(x.shape)})")
+        raise ValueError(
+            f"cos/sin of shape {tuple(cos.shape)} do not broadcast to {tuple(half)} "
+            f"(needed for {name} of shape {tuple(x.shape)})"
+        )
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -68,8 +73,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: s
     return apply_rope_ref(x, cos, sin)
 
 
-def rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.2,
-                 *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk_norm(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.2, *, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE, then QK-norm (RMSNorm over head_dim, default eps), then ``* scale``, for queries and keys.
 
     q: (B, T, H, D), k: (B, T, Hkv, D) (Hkv may differ from H), same dtype. cos, sin: (1 or B, T, 1, D/2).
@@ -78,8 +84,9 @@ def rope_qk_norm(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     if q.shape[:2] != k.shape[:2] or q.size(-1) != k.size(-1):
-        raise ValueError(f"q (B, T, H, D) and k (B, T, Hkv, D) must agree on B, T and D, "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q (B, T, H, D) and k (B, T, Hkv, D) must agree on B, T and D, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     _check_rope_inputs("q", q, cos, sin)

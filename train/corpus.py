@@ -220,9 +220,14 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
         "files": [p.name for p in paths],
     }, out / MANIFEST)
     if verbose:
-        print(f"{CORPUS_NAME} corpus: {len(docs):,} documents ({n_val:,} validation), {num_chars / 1e6:.1f}M chars, "
-              f"{num_shards} shards in {out} ({time.perf_counter() - start:.1f}s)")
+        _report(out, time.perf_counter() - start)
     return paths
+
+
+def _report(folder: Path, seconds: float) -> None:
+    m = json.loads((folder / MANIFEST).read_text())
+    print(f"{CORPUS_NAME} corpus: {m['num_docs']:,} documents ({m['num_val_docs']:,} validation), "
+          f"{m['num_chars'] / 1e6:.1f}M chars, {len(m['files'])} shards in {folder} (built in {seconds:.1f}s)")
 
 
 def corpus_is_complete(folder: str | os.PathLike) -> bool:
@@ -247,10 +252,12 @@ def ensure_default_corpus(base_dir: str | os.PathLike, **build_kwargs) -> Path:
     folder = Path(base_dir) / "data" / CORPUS_NAME
     if corpus_is_complete(folder):
         return folder
+    start = time.perf_counter()
+    verbose = build_kwargs.pop("verbose", True)
     tmp = folder.with_name(f".{CORPUS_NAME}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_default_corpus(tmp, **build_kwargs)
+        build_default_corpus(tmp, verbose=False, **build_kwargs)
         if corpus_is_complete(folder):  # another process finished first
             return folder
         if folder.exists():
@@ -258,4 +265,6 @@ def ensure_default_corpus(base_dir: str | os.PathLike, **build_kwargs) -> Path:
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        _report(folder, time.perf_counter() - start)
     return folder

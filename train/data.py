@@ -16,10 +16,11 @@ of the row is placed, again and again; when none fits, the shortest buffered doc
 exactly and its remainder is dropped. No padding, so every token is a real one. inputs = row[:-1],
 targets = row[1:].
 
-Resuming. `PackedLoader.state_dict()` is the position of the last unit read into the buffer. A loader built
-with that state starts at the rank's next unit after it: the documents that were still in the old buffer are
-not replayed (at most about `buffer_docs` documents skipped per resume), and no unit is read twice. Given the
-same files, state and settings, two loaders yield identical batches.
+Resuming. `PackedLoader.state_dict()` is the position of the last unit read into the buffer plus a reference
+(file, row group, row) to every document still buffered, in buffer order. A loader built with that state re-reads
+and re-tokenizes just those documents, restores the buffer exactly and continues at the rank's next unit: the
+batch stream after a resume is identical to the uninterrupted one, and no unit is read twice. Given the same
+files, state and settings, two loaders yield identical batches.
 """
 
 from __future__ import annotations
@@ -158,13 +159,18 @@ def iter_documents(files: Sequence[str | os.PathLike], rank: int = 0, world_size
                              f"{counts} row groups")
         last = offsets[fi] + rg
     g = last + 1 + (rank - (last + 1)) % world_size  # this rank's first unit after `last`
+    whole_pass, any_text = g == rank, False  # an endless loop over units without a document must end
     while True:
         if g >= total:
             if not loop:
                 return
-            epoch, g = epoch + 1, rank
+            if whole_pass and not any_text:
+                raise ValueError(f"rank {rank} of {world_size} found no non-empty document in {len(files)} files")
+            epoch, g, whole_pass, any_text = epoch + 1, rank, True, False
         fi, rg = unit_of[g]
-        yield _read_unit(files[fi], rg), {"file_idx": fi, "row_group_idx": rg, "epoch": epoch}
+        texts = _read_unit(files[fi], rg)
+        any_text = any_text or bool(texts)
+        yield texts, {"file_idx": fi, "row_group_idx": rg, "epoch": epoch}
         g += world_size
 
 
@@ -188,16 +194,41 @@ class PackedLoader:
         self.batch_size, self.seq_len, self.buffer_docs = batch_size, seq_len, buffer_docs
         self.device = torch.device(device)
         self._bos = tokenizer.get_bos_token_id()
-        self._units = iter_documents(files, rank, world_size, state, loop)
-        self._state = dict(state) if state is not None else {"file_idx": 0, "row_group_idx": -1, "epoch": 0}
+        self._files = [Path(f) for f in files]
+        position = None if state is None else {k: state[k] for k in ("file_idx", "row_group_idx", "epoch")}
+        self._units = iter_documents(self._files, rank, world_size, position, loop)
+        self._state = position or {"file_idx": 0, "row_group_idx": -1, "epoch": 0}
         self._exhausted = False
-        # The buffer, sorted by length: _lens[i] == len(_docs[i]). Equal lengths keep arrival order.
+        # The buffer, sorted by length: _lens[i] == len(_docs[i]); _refs[i] = (file_idx, row_group_idx, row) names
+        # where _docs[i] came from, so a checkpoint can restore the buffer. Equal lengths keep arrival order.
         self._lens: list[int] = []
         self._docs: list[np.ndarray] = []
+        self._refs: list[tuple[int, int, int]] = []
+        if state is not None and state.get("buffer"):
+            self._restore_buffer(state["buffer"])
 
     def state_dict(self) -> dict:
-        """The position of the last unit read: {"file_idx", "row_group_idx", "epoch"} (JSON-serializable)."""
-        return dict(self._state)
+        """{"file_idx", "row_group_idx", "epoch"} of the last unit read, and "buffer": [[file_idx, row_group_idx,
+        row], ...] for the documents still buffered (JSON-serializable)."""
+        return {**self._state, "buffer": [list(r) for r in self._refs]}
+
+    def _restore_buffer(self, refs: list) -> None:
+        """Re-read and re-tokenize the buffered documents a state names, in the saved order."""
+        refs = [tuple(int(v) for v in r) for r in refs]
+        tokens: dict[tuple[int, int], list[list[int]]] = {}
+        for fi, rg, _ in refs:
+            if (fi, rg) not in tokens:
+                if not 0 <= fi < len(self._files) or not 0 <= rg < _num_units(self._files[fi]):
+                    raise ValueError(f"loader state names row group {rg} of file {fi}, which the data lacks")
+                tokens[(fi, rg)] = self.tokenizer.encode(_read_unit(self._files[fi], rg), prepend=self._bos)
+        for fi, rg, row in refs:
+            unit = tokens[(fi, rg)]
+            if not 0 <= row < len(unit):
+                raise ValueError(f"loader state names row {row} of row group {rg} of file {fi}, which the data lacks")
+            doc = np.asarray(unit[row], dtype=np.int32)
+            self._lens.append(len(doc))
+            self._docs.append(doc)
+            self._refs.append((fi, rg, row))
 
     def _refill(self) -> None:
         """Read units until at least `buffer_docs` documents are buffered or the data ends."""
@@ -209,16 +240,18 @@ class PackedLoader:
                 return
             if not texts:
                 continue
-            for ids in self.tokenizer.encode(texts, prepend=self._bos):
+            fi, rg = self._state["file_idx"], self._state["row_group_idx"]
+            for row, ids in enumerate(self.tokenizer.encode(texts, prepend=self._bos)):
                 doc = np.asarray(ids, dtype=np.int32)
                 i = bisect_right(self._lens, len(doc))
                 self._lens.insert(i, len(doc))
                 self._docs.insert(i, doc)
+                self._refs.insert(i, (fi, rg, row))
 
     def _fill_row(self, row: np.ndarray) -> bool:
         """Pack one row (length T+1) in place; False when the data ran out first."""
         pos, n = 0, len(row)
-        lens, docs = self._lens, self._docs
+        lens, docs, refs = self._lens, self._docs, self._refs
         while pos < n:
             if len(lens) < self.buffer_docs:
                 self._refill()
@@ -228,10 +261,12 @@ class PackedLoader:
             i = bisect_right(lens, room) - 1  # the largest document that fits whole
             if i >= 0:
                 size = lens.pop(i)
+                refs.pop(i)
                 row[pos:pos + size] = docs.pop(i)
                 pos += size
             else:  # none fits: crop the shortest to fill the row, drop its remainder
                 lens.pop(0)
+                refs.pop(0)
                 row[pos:] = docs.pop(0)[:room]
                 pos = n
         return True

@@ -83,8 +83,8 @@ def test_attention_non_causal_and_scale(tq, tk):
     q, k, v = _rand(1, tq, 4, 8, seed=tq), _rand(1, tk, 2, 8, seed=tk), _rand(1, tk, 2, 8, seed=tk + 1)
     y = flash_attention(q, k, v, causal=False, scale=0.3)
     torch.testing.assert_close(y, _manual(q, k, v, causal=False, scale=0.3), rtol=1e-10, atol=1e-10)
-    y = flash_attention(q[:, :min(tq, tk)], k, v, scale=0.05, window=2)
-    torch.testing.assert_close(y, _manual(q[:, :min(tq, tk)], k, v, window=2, scale=0.05), rtol=1e-10, atol=1e-10)
+    y = flash_attention(q[:, : min(tq, tk)], k, v, scale=0.05, window=2)
+    torch.testing.assert_close(y, _manual(q[:, : min(tq, tk)], k, v, window=2, scale=0.05), rtol=1e-10, atol=1e-10)
 
 
 def test_decode_matches_full_sequence():

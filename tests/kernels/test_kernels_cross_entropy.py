@@ -89,9 +89,8 @@ def test_all_ignored_is_zero_with_zero_grads(reduction):
 def test_gradcheck_softcap_ce():
     logits = _rand(5, 7, seed=6).requires_grad_()
     targets = torch.tensor([0, -1, 6, 3, 3])
-    for reduction in ("mean", "none"):
-        fn = lambda z: softcap_cross_entropy_ref(z, targets, 3.0, -1, reduction)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (logits,))
+    assert torch.autograd.gradcheck(lambda z: softcap_cross_entropy_ref(z, targets, 3.0, -1, "mean"), (logits,))
+    assert torch.autograd.gradcheck(lambda z: softcap_cross_entropy_ref(z, targets, 3.0, -1, "none"), (logits,))
 
 
 @pytest.mark.parametrize("lead,c,vp,vocab", [((1,), 384, 64, 50), ((7,), 78, 128, None), ((3, 11), 32, 192, 131)])

@@ -57,7 +57,8 @@ def _calls():
         "relu2_mlp": lambda impl: kernels.relu2_mlp(x, _rand(32, 8), _rand(8, 32), impl=impl),
         "softcap_cross_entropy": lambda impl: kernels.softcap_cross_entropy(x, targets, impl=impl),
         "linear_softcap_cross_entropy": lambda impl: kernels.linear_softcap_cross_entropy(
-            x, _rand(10, 8), targets, impl=impl),
+            x, _rand(10, 8), targets, impl=impl
+        ),
         "flash_attention": lambda impl: kernels.flash_attention(q, k, k, impl=impl),
         "polar_express": lambda impl: kernels.polar_express(_rand(3, 4, 6), impl=impl),
     }

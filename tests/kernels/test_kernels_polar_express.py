@@ -1,0 +1,98 @@
+"""polar_express / polar_express_ref against the Polar-Express loop written out in float64."""
+
+import pytest
+import torch
+
+from kernels import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
+
+# The five (a, b, c) triples, typed in again from the specification so a slip in the module shows up here.
+SPEC_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _manual(g, steps):
+    """One matrix at a time; always iterate on the wide orientation (X X^T is the small Gram matrix)."""
+    out = []
+    for x in g.reshape(-1, *g.shape[-2:]):
+        tall = x.size(0) > x.size(1)
+        x = x.T if tall else x
+        x = x / (1.01 * torch.sqrt((x * x).sum()) + 1e-6)
+        for a, b, c in SPEC_COEFFS[:steps]:
+            gram = x @ x.T
+            x = a * x + b * (gram @ x) + c * (gram @ (gram @ x))
+        out.append(x.T if tall else x)
+    return torch.stack(out).reshape(g.shape)
+
+
+def test_coefficients_match_spec():
+    assert POLAR_EXPRESS_COEFFS == tuple(SPEC_COEFFS)
+
+
+# (dtype, absolute tolerance; outputs are at most about 1.2). bf16 rounds every product of five iterations:
+# errors of up to ~0.07 are seen here, which is why the optimizer's bf16 path is judged by its spectrum below.
+DTYPES = [(torch.float64, 1e-10), (torch.float32, 5e-5), (torch.bfloat16, 1e-1)]
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (3, 16, 40), (2, 40, 16), (1, 7, 33), (4, 33, 33), (64, 128)])
+@pytest.mark.parametrize("steps", [0, 1, 5])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_polar_express_matches_math(shape, steps, dtype, tol):
+    g = (_rand(*shape, seed=sum(shape)) * 0.02).to(dtype)
+    y = polar_express(g, steps=steps)
+    assert y.shape == g.shape and y.dtype == dtype
+    torch.testing.assert_close(y.double(), _manual(g.double(), steps), rtol=tol, atol=tol)
+
+
+def test_polar_express_gradcheck():
+    for shape in ((3, 5), (2, 5, 3)):
+        g = _rand(*shape, seed=1).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: polar_express_ref(t, 3), (g,))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_wide_tall_equivalence(dtype, tol):
+    g = _rand(3, 48, 80, seed=2).to(dtype)
+    wide = polar_express(g)
+    tall = polar_express(g.mT.contiguous())
+    torch.testing.assert_close(tall, wide.mT, rtol=tol, atol=tol)
+
+
+def test_stack_equals_per_matrix():
+    g = _rand(5, 24, 40, seed=3).float()
+    stacked = polar_express(g)
+    for i in range(5):
+        torch.testing.assert_close(stacked[i], polar_express(g[i]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (4, 96, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_singular_values_near_one(shape, dtype):
+    g = (_rand(*shape, seed=4) * 3.0).to(dtype)
+    s = torch.linalg.svdvals(polar_express(g).float())
+    assert s.min() > 0.7 and s.max() < 1.2, (s.min().item(), s.max().item())
+    # and the singular vectors are kept: the result is close to the exact polar factor U V^T
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    exact = u @ vh
+    assert (polar_express(g).double() - exact).norm() / exact.norm() < 0.2
+
+
+def test_polar_express_bad_inputs():
+    with pytest.raises(ValueError, match="steps"):
+        polar_express(_rand(4, 6), steps=6)
+    with pytest.raises(ValueError, match="steps"):
+        polar_express(_rand(4, 6), steps=-1)
+    with pytest.raises(ValueError, match="2 or 3 dims"):
+        polar_express(_rand(2, 2, 4, 6))
+    with pytest.raises(ValueError, match="2 or 3 dims"):
+        polar_express(_rand(6))
+    with pytest.raises(TypeError, match="floating"):
+        polar_express(torch.ones(4, 6, dtype=torch.int64))
