@@ -329,9 +329,8 @@ def test_iter_texts(tmp_path):
     train_docs, val_docs = make_corpus(30, seed=4), ["VALIDATION " * 3] * 5
     write_shard(tmp_path / "shard_00000.parquet", train_docs)
     write_shard(tmp_path / "shard_00001.parquet", val_docs)
-    (tmp_path / "note.txt").write_text("a plain text document", encoding="utf-8")
     docs = list(tok_train.iter_texts(str(tmp_path), max_chars=10**9))
-    assert docs == train_docs + ["a plain text document"]  # the last shard is held out
+    assert docs == train_docs  # the last shard is held out
     capped = list(tok_train.iter_texts(str(tmp_path), max_chars=10**9, doc_cap=20))
     assert capped == [d[:20] for d in docs]
     limited = list(tok_train.iter_texts(str(tmp_path), max_chars=500))
@@ -343,6 +342,12 @@ def test_iter_texts(tmp_path):
     assert list(tok_train.iter_texts(str(single), max_chars=10**9)) == val_docs
     with pytest.raises(FileNotFoundError):
         list(tok_train.iter_texts(str(tmp_path / "empty"), max_chars=10))
+    # a folder of .txt files: the last file is the validation split
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "a.txt").write_text("a plain text document", encoding="utf-8")
+    (txt / "b.txt").write_text("held out", encoding="utf-8")
+    assert list(tok_train.iter_texts(str(txt), max_chars=10**9)) == ["a plain text document"]
 
 
 def test_tok_train_main(tmp_path, capsys):
