@@ -110,12 +110,12 @@ def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor)
 
 
 @torch.no_grad()
-def sample(model: GPT, tokenizer: Tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 24) -> list[str]:
+def sample(model: GPT, tokenizer: Tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 32, seed: int = 42) -> list[str]:
     out = []
     bos = tokenizer.get_bos_token_id()
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=bos)
-        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.7, top_k=40, seed=seed))
         if bos in gen:
             gen = gen[: gen.index(bos)]
         out.append(prompt + tokenizer.decode(gen))
@@ -235,10 +235,14 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         timed = loop_state.get("timed_steps", 0)
         eta = (N - done) * loop_state["total_time"] / timed if timed else float("nan")
         if every(cfg.log_every, step) or done == N:
+            eta_s = _format_eta(eta) if math.isfinite(eta) else "-"
             say(f"step {done:05d}/{N:05d} ({100 * done / N:5.1f}%) | loss {loss:.4f} | lrm {lrm:.3f} | "
-                f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu} | eta {_format_eta(eta) if eta == eta else '-'}")
+                f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")
         log({"step": done, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s,
              "mfu": None if not peak else plan.flops_per_token * tok_s / peak})
         step = done
     result["final_step"] = step
+    if len(result["val_bpb"]) > 1:
+        (s0, b0), (s1, b1) = min(result["val_bpb"].items()), max(result["val_bpb"].items())
+        say(f"validation bpb {b0:.4f} at step {s0} -> {b1:.4f} at step {s1}")
     return result

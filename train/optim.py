@@ -48,7 +48,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     self._muon(params, group)
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2); p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps)."""
+        """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2);
+        p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps)."""
         state = self.state[p]
         if not state:
             state["step"] = 0

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from engine.checkpoint import (
-    CheckpointError, find_last_step, load_checkpoint, load_model, meta_path, model_path, save_checkpoint,
+    CheckpointError,
+    find_last_step,
+    load_checkpoint,
+    load_model,
+    meta_path,
+    model_path,
+    save_checkpoint,
 )
 from engine.gpt import GPTConfig, build_model
 

@@ -3,7 +3,12 @@
 import pytest
 
 from train.config import (
-    TrainConfig, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay, parse_args,
+    TrainConfig,
+    configs_from_depth,
+    lr_multiplier,
+    muon_momentum,
+    muon_weight_decay,
+    parse_args,
 )
 
 
