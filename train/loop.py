@@ -234,7 +234,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         done = step + 1
         timed = loop_state.get("timed_steps", 0)
         eta = (N - done) * loop_state["total_time"] / timed if timed else float("nan")
-        if every(cfg.log_every, step) or done == N:
+        if every(cfg.log_every, done) or done == N or step == start_step:
             eta_s = _format_eta(eta) if math.isfinite(eta) else "-"
             say(f"step {done:05d}/{N:05d} ({100 * done / N:5.1f}%) | loss {loss:.4f} | lrm {lrm:.3f} | "
                 f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")

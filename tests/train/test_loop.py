@@ -77,3 +77,22 @@ def test_bad_flags_and_missing_inputs(workspace, tmp_path, capsys):
     assert "not divisible" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_main(["--depth=0"])
+
+
+def test_bits_per_byte_by_hand():
+    """Per-token losses 1, 2, 3, 4 nats on targets of byte lengths 2, 0 (special), 3, ignored (-1):
+    bpb = (1 + 3) / (ln 2 * (2 + 3))."""
+    import math
+
+    import torch
+
+    from train.loop import evaluate_bpb
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, y, loss_reduction="mean"):
+            assert loss_reduction == "none"
+            return torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+
+    token_bytes = torch.tensor([2, 0, 3, 5])
+    batches = iter([(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[0, 1, 2, -1]]))])
+    assert evaluate_bpb(Fixed(), batches, 1, token_bytes) == pytest.approx(4 / (math.log(2) * 5))
