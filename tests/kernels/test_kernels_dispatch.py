@@ -69,10 +69,15 @@ def test_public_ops_impl_keyword(op, monkeypatch):
     call = _calls()[op]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.testing.assert_close(call("auto"), call("torch"), rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    torch.testing.assert_close(call("auto"), call("torch"), rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError):
-        call("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton kernel, where one exists, runs in the interpreter
+    ref = call("torch")
+    torch.testing.assert_close(call("auto"), ref, rtol=1e-4, atol=1e-4)
+    try:
+        out = call("triton")
+    except NotImplementedError:  # no kernel for this op (yet)
+        pass
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="impl must be one of"):
         call("bogus")
 
