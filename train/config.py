@@ -54,6 +54,7 @@ class TrainConfig:
     run_dir: str = ""
     run: str = "default"
     log_every: int = 1
+    dist_timeout: float = 600.0
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -186,6 +187,7 @@ _HELP = {
     "save_every": "checkpoint every N steps (-1: only at the end)",
     "sample_every": "sample prompts every N steps (-1: only at the end)",
     "resume_from_step": "resume from the checkpoint at this step",
+    "dist_timeout": "seconds a collective may wait before the job fails (multi-process runs)",
 }
 
 

@@ -39,7 +39,7 @@ import torch
 from train.corpus import build_default_corpus, ensure_default_corpus
 
 __all__ = ["build_default_corpus", "ensure_default_corpus", "list_data_files", "split_files", "iter_documents",
-           "PackedLoader"]
+           "PackedLoader", "num_units"]
 
 TXT_WHOLE_CHARS = 8192  # a .txt file up to this long is one document
 TXT_DOC_CHARS = 4096  # a longer one is cut at blank lines into documents of about this many characters
@@ -124,6 +124,11 @@ def _split_txt(text: str) -> list[str]:
 
 def _num_units(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_row_groups if path.suffix == ".parquet" else 1
+
+
+def num_units(files: Sequence[str | os.PathLike]) -> int:
+    """How many reading units (row groups or .txt files) the files hold in all."""
+    return sum(_num_units(Path(f)) for f in files)
 
 
 def _read_unit(path: Path, row_group: int) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,8 +18,10 @@ from engine.paths import get_base_dir
 from engine.tokenizer import Tokenizer, load_token_bytes
 from train import data
 from train.config import TrainConfig, TrainPlan, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay
+from train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from train.optim import MuonAdamW, build_param_groups
 
+SINGLE = DistInfo()  # a single process
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SAMPLE_PROMPTS = ["Return the", "This module provides", "The default value is", "If the"]
 
@@ -77,23 +80,26 @@ def set_schedules(opt: MuonAdamW, step: int, cfg: TrainConfig, plan: TrainPlan) 
     return lrm
 
 
-def train_step(model: GPT, opt: MuonAdamW, batches, grad_accum_steps: int) -> float:
-    """Forward/backward over `grad_accum_steps` micro-batches, then one optimizer step; returns the mean loss."""
-    total = 0.0
+def train_step(model: GPT, opt: MuonAdamW, batches, grad_accum_steps: int, info: DistInfo = SINGLE) -> float:
+    """Forward/backward over `grad_accum_steps` micro-batches, then one optimizer step (which averages the
+    gradients over ranks); returns the loss averaged over micro-batches and ranks."""
+    total = None
     for _ in range(grad_accum_steps):
         x, y = next(batches)
         loss = model(x, y)
         (loss / grad_accum_steps).backward()
-        total += loss.detach().float().item()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
     opt.step()
     model.zero_grad(set_to_none=True)
-    return total / grad_accum_steps
+    total = all_reduce_sum(total / grad_accum_steps, info) / info.world_size
+    return total.item()
 
 
 @torch.no_grad()
-def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor) -> float:
+def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor,
+                 info: DistInfo = SINGLE) -> float:
     """Bits per byte: summed loss in nats / (ln 2 * summed target byte lengths); special and ignored
-    targets (byte length 0, or -1) are excluded."""
+    targets (byte length 0, or -1) are excluded. Sums are reduced over ranks."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     nbytes = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     for _ in range(num_steps):
@@ -104,6 +110,8 @@ def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor)
         b = torch.where(valid, token_bytes[y.clamp_min(0)], torch.zeros_like(y)).double()
         nats += (loss * (b > 0)).sum()
         nbytes += b.sum()
+    all_reduce_sum(nats, info)
+    all_reduce_sum(nbytes, info)
     if nbytes.item() == 0:
         raise ValueError("validation batches contain no scorable bytes")
     return (nats / (math.log(2) * nbytes)).item()
@@ -129,83 +137,133 @@ def _format_eta(seconds: float) -> str:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+def _fail_injection(info: DistInfo) -> int | None:
+    """TRITONCHAT_FAIL_AT="rank:step" makes that rank raise at that step (to test failure handling)."""
+    spec = os.environ.get("TRITONCHAT_FAIL_AT", "")
+    if not spec:
+        return None
+    rank, at = (int(v) for v in spec.split(":"))
+    return at if rank == info.rank else None
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
-    """Train per `cfg`. `stop_after` ends the run after that many steps of this invocation without the
-    end-of-run evaluation (a simulated interruption). Returns {"losses": {step: loss}, "val_bpb": {...}, ...}."""
-    say = (lambda *a, **k: None) if cfg.quiet else print
+    """Train per `cfg`, as one process or as one rank of a torchrun job. `stop_after` ends the run after that
+    many steps of this invocation without the end-of-run evaluation (a simulated interruption).
+    Returns {"losses": {step: loss}, "val_bpb": {...}, ...}."""
     device = resolve_device(cfg.device)
+    info = init_distributed(device.type, cfg.dist_timeout)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    say = print if info.is_main and not cfg.quiet else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg.dtype, device)
     impl = resolve_impl(cfg.impl, device)
     base_dir = Path(cfg.base_dir or get_base_dir())
     tokenizer, token_bytes = load_tokenizer(base_dir)
     token_bytes = token_bytes.to(device)
-    data_dir = Path(cfg.data) if cfg.data else data.ensure_default_corpus(base_dir)
+    if cfg.data:
+        data_dir = Path(cfg.data)
+    else:  # rank 0 builds the embedded corpus once; the others wait and find it complete
+        if info.is_main:
+            data.ensure_default_corpus(base_dir)
+        barrier(info)
+        data_dir = data.ensure_default_corpus(base_dir)
     files = data.list_data_files(data_dir)
-    plan = configs_from_depth(cfg, tokenizer.get_vocab_size())
+    plan = configs_from_depth(cfg, tokenizer.get_vocab_size(), world_size=info.world_size)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else base_dir / "base_checkpoints" / f"d{cfg.depth}"
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype)
+    if info.enabled:  # identical starting weights on every rank
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
     opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
-                                       plan.matrix_weight_decay, plan.lr_scale))
+                                       plan.matrix_weight_decay, plan.lr_scale),
+                    rank=info.rank, world_size=info.world_size)
     step, loader_state, loop_state = 0, None, {"total_time": 0.0, "smooth_loss": None}
     if cfg.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(run_dir, cfg.resume_from_step, device=device,
-                                                         load_optimizer=True)
+                                                         load_optimizer=True, rank=info.rank)
         if meta["model_config"] != plan.model_config.to_dict():
             raise ValueError(f"checkpoint model_config {meta['model_config']} differs from this run's "
                              f"{plan.model_config.to_dict()}")
+        saved_world = meta.get("world_size", 1)
+        if saved_world != info.world_size:
+            raise ValueError(f"checkpoint at step {cfg.resume_from_step} was written by {saved_world} rank(s); "
+                             f"resume it with the same number of ranks (this job has {info.world_size})")
         model.load_state_dict(patch_state_dict(model_state, model), strict=True)
         opt.load_state_dict(optim_state)
-        step, loader_state = meta["step"], meta["dataloader_state_dict"]
+        step = meta["step"]
+        loader_state = meta.get("dataloader_states", [meta["dataloader_state_dict"]])[info.rank]
         loop_state = meta.get("loop_state", loop_state)
         say(f"resumed from step {step} in {run_dir}")
 
     T, B = cfg.max_seq_len, cfg.device_batch_size
-    train_files = data.split_files(files, "train")
-    loader = data.PackedLoader(tokenizer, train_files, B, T, device=device, state=loader_state)
+    loader = data.PackedLoader(tokenizer, data.split_files(files, "train"), B, T, device=device, state=loader_state,
+                               rank=info.rank, world_size=info.world_size)
     batches = iter(loader)
-    eval_steps = max(1, cfg.eval_tokens // (B * T))
+    val_files = data.split_files(files, "val")
+    # Validation is sharded over ranks when the split has a unit for each; otherwise rank 0 evaluates alone.
+    val_sharded = data.num_units(val_files) >= info.world_size
+    eval_steps = max(1, cfg.eval_tokens // (B * T * (info.world_size if val_sharded else 1)))
     peak = peak_flops(device)
     counts = model.num_params()
     say(f"model: depth {cfg.depth}, {counts['total']:,} params ({counts['scaling']:,} scaling), "
-        f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype}, impl={impl}")
+        f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype}, impl={impl}, ranks {info.world_size}")
     for note in plan.notes:
         say("  " + note)
-    say(f"  grad accumulation {plan.grad_accum_steps} x {B} x {T} tokens; data {data_dir}; run dir {run_dir}")
+    say(f"  grad accumulation {plan.grad_accum_steps} x {B} x {T} tokens x {info.world_size} rank(s); "
+        f"data {data_dir}; run dir {run_dir}")
 
     metrics_path = run_dir / "metrics.jsonl"
     result = {"losses": {}, "val_bpb": {}, "samples": [], "plan": plan.to_dict(), "run_dir": str(run_dir)}
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate() -> float:
+        if val_sharded:
+            val = data.PackedLoader(tokenizer, val_files, B, T, device=device, rank=info.rank,
+                                    world_size=info.world_size)
+            return evaluate_bpb(model, iter(val), eval_steps, token_bytes, info)
+        bpb = torch.zeros((), dtype=torch.float64, device=device)
+        if info.is_main:
+            val = data.PackedLoader(tokenizer, val_files, B, T, device=device)
+            bpb += evaluate_bpb(model, iter(val), eval_steps, token_bytes)
+        return all_reduce_sum(bpb, info).item()
 
     def save(at_step: int) -> None:
-        meta = {"step": at_step, "val_bpb": result["val_bpb"].get(at_step), "model_config": plan.model_config.to_dict(),
-                "user_config": asdict(cfg), "device_batch_size": B, "max_seq_len": T,
-                "total_batch_size": plan.total_batch_size, "dataloader_state_dict": loader.state_dict(),
-                "loop_state": loop_state}
-        save_checkpoint(run_dir, at_step, model.state_dict(), opt.state_dict(), meta)
+        loader_states = all_gather_objects(loader.state_dict(), info)
+        save_checkpoint(run_dir, at_step, None, opt.state_dict(), None, rank=info.rank)
+        barrier(info)  # every optimizer shard is on disk before rank 0 writes meta (which marks completeness)
+        if info.is_main:
+            meta = {"step": at_step, "val_bpb": result["val_bpb"].get(at_step),
+                    "model_config": plan.model_config.to_dict(), "user_config": asdict(cfg),
+                    "device_batch_size": B, "max_seq_len": T, "total_batch_size": plan.total_batch_size,
+                    "world_size": info.world_size, "dataloader_state_dict": loader_states[0],
+                    "dataloader_states": loader_states, "loop_state": loop_state}
+            save_checkpoint(run_dir, at_step, model.state_dict(), None, meta)
+        barrier(info)
         say(f"saved checkpoint at step {at_step} to {run_dir}")
 
     def every(n: int, s: int) -> bool:
         return n > 0 and s % n == 0
 
+    fail_at = _fail_injection(info)
     start_step, N = step, plan.num_iterations
     while True:
         last = step == N
         resumed_here = step == start_step and cfg.resume_from_step >= 0
         if (last or every(cfg.eval_every, step)) and not resumed_here:
             model.eval()
-            val = data.PackedLoader(tokenizer, data.split_files(files, "val"), B, T, device=device)
-            bpb = evaluate_bpb(model, iter(val), eval_steps, token_bytes)
+            bpb = evaluate()
             model.train()
             result["val_bpb"][step] = bpb
             say(f"step {step:05d} | validation bpb {bpb:.4f}")
             log({"step": step, "val_bpb": bpb})
-        if (last or every(cfg.sample_every, step)) and step > 0 and not resumed_here:
+        if (last or every(cfg.sample_every, step)) and step > 0 and not resumed_here and info.is_main:
             model.eval()
             result["samples"] = sample(model, tokenizer)
             model.train()
@@ -215,9 +273,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             save(step)
         if last or (stop_after is not None and step - start_step >= stop_after):
             break
+        if fail_at == step:
+            raise RuntimeError(f"rank {info.rank}: injected failure at step {step} (TRITONCHAT_FAIL_AT)")
         lrm = set_schedules(opt, step, cfg, plan)
         t0 = time.perf_counter()
-        loss = train_step(model, opt, batches, plan.grad_accum_steps)
+        loss = train_step(model, opt, batches, plan.grad_accum_steps, info)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -229,7 +289,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         sl = loop_state["smooth_loss"]
         loop_state["smooth_loss"] = loss if sl is None else 0.9 * sl + 0.1 * loss
         result["losses"][step] = loss
-        tok_s = plan.total_batch_size / dt
+        tok_s = plan.total_batch_size / dt / info.world_size  # per GPU
         mfu = f"{100 * plan.flops_per_token * tok_s / peak:.1f}%" if peak else "n/a"
         done = step + 1
         timed = loop_state.get("timed_steps", 0)
@@ -237,8 +297,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         if every(cfg.log_every, done) or done == N or step == start_step:
             eta_s = _format_eta(eta) if math.isfinite(eta) else "-"
             say(f"step {done:05d}/{N:05d} ({100 * done / N:5.1f}%) | loss {loss:.4f} | lrm {lrm:.3f} | "
-                f"dt {dt * 1000:.0f}ms | tok/s {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")
-        log({"step": done, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s": tok_s,
+                f"dt {dt * 1000:.0f}ms | tok/s/rank {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")
+        log({"step": done, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s_per_rank": tok_s,
              "mfu": None if not peak else plan.flops_per_token * tok_s / peak})
         step = done
     result["final_step"] = step

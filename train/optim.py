@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 import kernels
 
@@ -21,7 +22,17 @@ def _frob(x: torch.Tensor) -> torch.Tensor:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch") -> None:
+    """Muon + AdamW. With `world_size > 1` (torch.distributed initialized) gradients are reduced inside
+    `step`, ZeRO-2 style: a Muon stack is reduce-scattered so each rank orthogonalizes only the matrices it
+    owns, then the updated matrices are all-gathered; an AdamW tensor whose first dim divides by the world
+    size (and that is not tiny) is reduce-scattered and its state sharded along dim 0, the rest all-reduced.
+    Every reduction is launched asynchronously up front and waited for group by group, so communication
+    overlaps the compute of earlier groups. Gradients are averaged over ranks."""
+
+    SHARD_MIN_NUMEL = 4096  # smaller AdamW tensors are all-reduced and updated whole on every rank
+
+    def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
+                 rank: int = 0, world_size: int = 1) -> None:
         """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere)."""
         for g in param_groups:
             if g.get("kind") not in ("adamw", "muon"):
@@ -31,42 +42,111 @@ class MuonAdamW(torch.optim.Optimizer):
             g.setdefault("initial_lr", g["lr"])
         defaults = dict(lr=0.0, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, beta2=0.9, ns_steps=5)
         super().__init__(param_groups, defaults)
-        self.ns_dtype, self.impl = ns_dtype, impl
+        if world_size > 1 and not dist.is_initialized():
+            raise ValueError("world_size > 1 needs an initialized torch.distributed process group")
+        self.ns_dtype, self.impl, self.rank, self.world_size = ns_dtype, impl, rank, world_size
+
+    def _sharded(self, p: torch.Tensor) -> bool:
+        W = self.world_size
+        return W > 1 and p.numel() >= self.SHARD_MIN_NUMEL and p.shape[0] % W == 0
+
+    def _muon_slice(self, K: int) -> tuple[int, int, int]:
+        """(matrices per rank, first owned index, end of owned indices) of a stack of K."""
+        per = -(-K // self.world_size)
+        lo = min(K, self.rank * per)
+        return per, lo, min(K, lo + per)
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdamW.step does not take a closure")
+        if self.world_size == 1:
+            for group in self.param_groups:
+                if group["kind"] == "adamw":
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            self._adamw(p, p.grad, group)
+                else:
+                    params = [p for p in group["params"] if p.grad is not None]
+                    if params:
+                        self._muon(params, torch.stack([p.grad.float() for p in params]), group)
+            return
+        self._step_distributed()
+
+    def _step_distributed(self) -> None:
+        W = self.world_size
+        grad = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # every rank joins every collective
+        # 1. launch every reduction, in group order
+        pending = []
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 for p in group["params"]:
-                    if p.grad is not None:
-                        self._adamw(p, group)
+                    g = grad(p).float().div_(W)
+                    if self._sharded(p):
+                        out = torch.empty((p.shape[0] // W, *p.shape[1:]), dtype=g.dtype, device=g.device)
+                        pending.append((group, p, out, dist.reduce_scatter_tensor(out, g, async_op=True)))
+                    else:
+                        pending.append((group, p, g, dist.all_reduce(g, async_op=True)))
             else:
-                params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    self._muon(params, group)
+                params = group["params"]
+                per, lo, hi = self._muon_slice(len(params))
+                G = torch.zeros((per * W, *params[0].shape), dtype=torch.float32, device=params[0].device)
+                for i, p in enumerate(params):
+                    G[i] = grad(p).float().div_(W)
+                out = torch.empty((per, *params[0].shape), dtype=torch.float32, device=G.device)
+                pending.append((group, params, out, dist.reduce_scatter_tensor(out, G, async_op=True)))
+        # 2. update what this rank owns as each reduction lands, then launch the gathers
+        gathers = []
+        for group, target, g, work in pending:
+            work.wait()
+            if group["kind"] == "adamw":
+                p = target
+                if self._sharded(p):
+                    rows = p.shape[0] // W
+                    shard = p[self.rank * rows:(self.rank + 1) * rows].clone()
+                    self._adamw(p, g, group, view=shard)
+                    gathers.append((None, dist.all_gather_into_tensor(p.view(-1), shard.view(-1), async_op=True)))
+                else:
+                    self._adamw(p, g, group)
+            else:
+                params = target
+                per, lo, hi = self._muon_slice(len(params))
+                new = torch.zeros((per, *params[0].shape), dtype=torch.float32, device=g.device)
+                if hi > lo:
+                    new[: hi - lo] = self._muon(params[lo:hi], g[: hi - lo], group, write=False)
+                full = torch.empty((per * W, *params[0].shape), dtype=torch.float32, device=g.device)
+                gathers.append(((params, full), dist.all_gather_into_tensor(full, new, async_op=True)))
+        # 3. land the gathered parameters
+        for dest, work in gathers:
+            work.wait()
+            if dest is not None:
+                params, full = dest
+                for i, p in enumerate(params):
+                    p.copy_(full[i])
 
-    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+    def _adamw(self, p: torch.Tensor, grad: torch.Tensor, group: dict, view: torch.Tensor | None = None) -> None:
         """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2);
-        p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps)."""
+        p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps). `view`: update this shard of p instead (in place)."""
+        target = p if view is None else view
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(target, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(target, dtype=torch.float32)
         state["step"] += 1
         t, (b1, b2), lr, wd, eps = state["step"], group["betas"], group["lr"], group["weight_decay"], group["eps"]
-        g = p.grad.float()
+        g = grad.float()
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.lerp_(g.square(), 1 - b2)
-        pf = p.float() * (1 - lr * wd)
+        pf = target.float() * (1 - lr * wd)
         denom = (v / (1 - b2**t)).sqrt_().add_(eps)
         pf.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-        p.copy_(pf)
+        target.copy_(pf)
 
-    def _muon(self, params: list[torch.Tensor], group: dict) -> None:
+    def _muon(self, params: list[torch.Tensor], G: torch.Tensor, group: dict, write: bool = True) -> torch.Tensor:
+        """One Muon step (SPEC §6) for `params` with gradient stack G (K, m, n), fp32. Updates the params in
+        place (write=True) or returns the new (K, m, n) fp32 values."""
         m, n = params[0].shape
         lr, mu, beta2, wd = group["lr"], group["momentum"], group["beta2"], group["weight_decay"]
         reduce_last = m >= n  # NorMuon reduces over the longer side
@@ -76,7 +156,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 vshape = (m, 1) if reduce_last else (1, n)
                 state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=p.device)
-        G = torch.stack([p.grad.float() for p in params])  # (K, m, n)
         buf = torch.stack([self.state[p]["momentum_buffer"] for p in params])
         buf2 = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
         # 1. Nesterov momentum
@@ -103,9 +182,11 @@ class MuonAdamW(torch.optim.Optimizer):
         mask = (X * P) >= 0
         P -= lr_eff * X + lr_eff * wd * P * mask
         for i, p in enumerate(params):
-            p.copy_(P[i])
+            if write:
+                p.copy_(P[i])
             self.state[p]["momentum_buffer"].copy_(buf[i])
             self.state[p]["second_momentum_buffer"].copy_(buf2[i])
+        return P
 
 
 def build_param_groups(model, unembedding_lr: float, embedding_lr: float, matrix_lr: float, scalar_lr: float,
