@@ -50,11 +50,17 @@ class MuonAdamW(torch.optim.Optimizer):
         W = self.world_size
         return W > 1 and p.numel() >= self.SHARD_MIN_NUMEL and p.shape[0] % W == 0
 
-    def _muon_slice(self, K: int) -> tuple[int, int, int]:
-        """(matrices per rank, first owned index, end of owned indices) of a stack of K."""
-        per = -(-K // self.world_size)
-        lo = min(K, self.rank * per)
-        return per, lo, min(K, lo + per)
+    def _muon_layout(self, K: int, offset: int) -> tuple[int, list[tuple[int, int]]]:
+        """How a stack of K matrices is split: (matrices per rank, [(lo, hi) owned by rank r for each r]).
+        Chunk c of `per` consecutive matrices goes to rank (c + offset) % W; rotating the offset from group to
+        group spreads small stacks (K < W) over the ranks instead of piling them on rank 0."""
+        W = self.world_size
+        per = -(-K // W)
+        spans = []
+        for r in range(W):
+            c = (r - offset) % W
+            spans.append((min(K, c * per), min(K, (c + 1) * per)))
+        return per, spans
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -77,7 +83,7 @@ class MuonAdamW(torch.optim.Optimizer):
         W = self.world_size
         grad = lambda p: p.grad if p.grad is not None else torch.zeros_like(p)  # every rank joins every collective
         # 1. launch every reduction, in group order
-        pending = []
+        pending, offset = [], 0
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 for p in group["params"]:
@@ -89,12 +95,15 @@ class MuonAdamW(torch.optim.Optimizer):
                         pending.append((group, p, g, dist.all_reduce(g, async_op=True)))
             else:
                 params = group["params"]
-                per, lo, hi = self._muon_slice(len(params))
+                per, spans = self._muon_layout(len(params), offset)
+                offset += len(params)
                 G = torch.zeros((per * W, *params[0].shape), dtype=torch.float32, device=params[0].device)
-                for i, p in enumerate(params):
-                    G[i] = grad(p).float().div_(W)
+                for r, (lo, hi) in enumerate(spans):  # rank r's block of the input holds the matrices it owns
+                    for j in range(lo, hi):
+                        G[r * per + j - lo] = grad(params[j]).float().div_(W)
                 out = torch.empty((per, *params[0].shape), dtype=torch.float32, device=G.device)
-                pending.append((group, params, out, dist.reduce_scatter_tensor(out, G, async_op=True)))
+                work = dist.reduce_scatter_tensor(out, G, async_op=True)
+                pending.append((group, (params, per, spans), out, work))
         # 2. update what this rank owns as each reduction lands, then launch the gathers
         gathers = []
         for group, target, g, work in pending:
@@ -109,20 +118,21 @@ class MuonAdamW(torch.optim.Optimizer):
                 else:
                     self._adamw(p, g, group)
             else:
-                params = target
-                per, lo, hi = self._muon_slice(len(params))
+                params, per, spans = target
+                lo, hi = spans[self.rank]
                 new = torch.zeros((per, *params[0].shape), dtype=torch.float32, device=g.device)
                 if hi > lo:
                     new[: hi - lo] = self._muon(params[lo:hi], g[: hi - lo], group, write=False)
                 full = torch.empty((per * W, *params[0].shape), dtype=torch.float32, device=g.device)
-                gathers.append(((params, full), dist.all_gather_into_tensor(full, new, async_op=True)))
+                gathers.append(((params, per, spans, full), dist.all_gather_into_tensor(full, new, async_op=True)))
         # 3. land the gathered parameters
         for dest, work in gathers:
             work.wait()
             if dest is not None:
-                params, full = dest
-                for i, p in enumerate(params):
-                    p.copy_(full[i])
+                params, per, spans, full = dest
+                for r, (lo, hi) in enumerate(spans):
+                    for j in range(lo, hi):
+                        params[j].copy_(full[r * per + j - lo])
 
     def _adamw(self, p: torch.Tensor, grad: torch.Tensor, group: dict, view: torch.Tensor | None = None) -> None:
         """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2);
