@@ -112,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(C, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, window: int, impl: str) -> torch.Tensor:
+    def forward(self, x, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, HEAD_DIM)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, HEAD_DIM)  # (B, T, Hkv, D)
@@ -121,7 +121,10 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, HEAD_DIM)
         q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=_op_impl(impl))
-        y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=_op_impl(impl))  # (B, T, H, D)
+        if cache is None:
+            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=_op_impl(impl))  # (B, T, H, D)
+        else:  # append this chunk's k, v to the cache's pages, then attend over each whole sequence
+            y = cache.attend(self.layer_idx, q, k, v, window)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -141,8 +144,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window: int, impl: str) -> torch.Tensor:
-        x = x + self.attn(norm(x, impl), ve, cos, sin, window, impl)
+    def forward(self, x, x_normed, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
+        """x: the residual stream entering the block; x_normed = norm(x), made by the fused residual entry."""
+        x = x + self.attn(x_normed, ve, cos, sin, window, impl, cache)
         return x + self.mlp(norm(x, impl), impl)
 
 
@@ -261,23 +265,38 @@ class GPT(nn.Module):
                 raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean", cache=None
     ) -> torch.Tensor:
         """idx (B, T) token ids -> loss (mean scalar, or (B, T) with loss_reduction="none") when targets
-        are given, else fp32 softcapped logits (B, T, vocab_size)."""
+        are given, else fp32 softcapped logits (B, T, vocab_size).
+
+        cache: None for whole sequences from position 0 (training, evaluation). For cached inference, one step
+        of a KV cache (engine.kv_cache.PagedBatch): idx holds each sequence's new tokens, padded on the right;
+        the cache gives their absolute `positions` (B, T) and `prev_tokens` (B,) (the token before each chunk,
+        -1 at a sequence start), and its `attend` appends each layer's k, v and attends over the cached sequence.
+        """
         self._check_idx(idx)
         B, T = idx.shape
         impl = self.impl
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if cache is None:
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:  # every token's rotary angles at its absolute position: (B, T, 1, D/2)
+            cos, sin = self.cos[0, cache.positions], self.sin[0, cache.positions]
         x = norm(self.transformer.wte(idx), impl)  # (B, T, C) in the compute dtype
-        if T > 1:  # smear: mix the previous token's embedding in, gated by the current one
+        if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache
+            has_prev = (cache.prev_tokens >= 0)[:, None, None]
+            x_first = norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]), impl) * has_prev
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            x = x + gate * torch.cat([x_first, x[:, :-1]], dim=1)
+        elif T > 1:  # smear: mix the previous token's embedding in, gated by the current one
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            # residual entry, fused: x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass
+            x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=_op_impl(impl))
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], impl)
+            x = block(x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if x_mid is not None:

@@ -9,8 +9,9 @@ from kernels.cross_entropy import (
     softcap_cross_entropy_ref,
 )
 from kernels.mlp import relu2_mlp, relu2_mlp_ref
+from kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append, paged_kv_append_ref
 from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 
 __all__ = [
@@ -21,6 +22,12 @@ __all__ = [
     "flash_attention_ref",
     "linear_softcap_cross_entropy",
     "linear_softcap_cross_entropy_ref",
+    "mix_rms_norm",
+    "mix_rms_norm_ref",
+    "paged_attention",
+    "paged_attention_ref",
+    "paged_kv_append",
+    "paged_kv_append_ref",
     "polar_express",
     "polar_express_ref",
     "relu2_mlp",

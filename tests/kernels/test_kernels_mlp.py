@@ -1,9 +1,18 @@
-"""relu2_mlp / relu2_mlp_ref against explicit matmuls in float64."""
+"""relu2_mlp / relu2_mlp_ref against explicit matmuls in float64, and the fused GEMM of kernels.matmul.
+
+The Triton tests run in the interpreter (tests/conftest.py) on CPU tensors; the interpreter's bf16 tl.dot is
+wrong, so the kernels up-cast bf16 operands off CUDA, and its fp32 -> bf16 cast truncates instead of rounding
+(one bf16 ulp, inside the bf16 tolerance).
+"""
 
 import pytest
 import torch
 
-from kernels import relu2_mlp, relu2_mlp_ref
+from kernels.matmul import GEMM_CONFIGS, INTERPRETER_CONFIG, gemm, gemm_ref
+from kernels.mlp import relu2_mlp, relu2_mlp_ref
+
+SMALL_CONFIG = "test_32x64x32"
+TMA_CONFIG = "test_tma_32x64x32"
 
 
 def _rand(*shape, seed=0):
@@ -16,42 +25,137 @@ def _manual(x, w_fc, w_proj):
     return (h * h) @ w_proj.T
 
 
+def _check_against_math(lead, c, hd, dtype, tol, gtol, **kwargs):
+    """relu2_mlp(**kwargs) on fresh inputs vs float64 math on the same rounded inputs: output and 3 gradients,
+    each compared with rtol=tol and atol=tol * max|expected|."""
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x64 = _rand(*lead, c, seed=c + hd)
+    w_fc = (_rand(hd, c, seed=hd) / c**0.5).to(wdtype).requires_grad_()
+    w_proj = (_rand(c, hd, seed=c) / hd**0.5).to(wdtype).requires_grad_()
+    x = x64.to(dtype).requires_grad_()
+    y = relu2_mlp(x, w_fc, w_proj, **kwargs)
+    assert y.dtype == dtype and y.shape == (*lead, c)
+    # The oracle sees the same rounded inputs (weights rounded to x's dtype), in float64.
+    xs, fs, ps = (t.detach().double().requires_grad_() for t in (x, w_fc, w_proj))
+    expect = _manual(xs, fs.to(dtype).double(), ps.to(dtype).double())
+    torch.testing.assert_close(y.double(), expect, rtol=tol, atol=tol * expect.abs().max().item())
+    dy = _rand(*lead, c, seed=7)
+    (y.double() * dy).sum().backward()
+    (expect * dy).sum().backward()
+    assert w_fc.grad.dtype == wdtype and w_proj.grad.dtype == wdtype and x.grad.dtype == dtype
+    for got, want in ((x.grad, xs.grad), (w_fc.grad, fs.grad), (w_proj.grad, ps.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=gtol, atol=gtol * want.abs().max().item())
+
+
 # (x dtype, output tolerance, gradient tolerance); weights stay fp32 masters (or fp64) and are cast to x's dtype.
 CASES = [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-4, 1e-4), (torch.bfloat16, 5e-2, 5e-2)]
 
 
 @pytest.mark.parametrize("lead,c,hd", [((1,), 384, 1536), ((7,), 96, 384), ((2, 33), 78, 50)])
 @pytest.mark.parametrize("dtype,tol,gtol", CASES)
-def test_relu2_mlp_matches_math(lead, c, hd, dtype, tol, gtol):
-    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x64 = _rand(*lead, c, seed=c)
-    w_fc = (_rand(hd, c, seed=1) / c**0.5).to(wdtype).requires_grad_()
-    w_proj = (_rand(c, hd, seed=2) / hd**0.5).to(wdtype).requires_grad_()
-    x = x64.to(dtype).requires_grad_()
-    y = relu2_mlp(x, w_fc, w_proj)
-    assert y.dtype == dtype and y.shape == (*lead, c)
-    # The oracle sees the same rounded inputs, in float64.
-    xs, fs, ps = (t.detach().double().requires_grad_() for t in (x, w_fc, w_proj))
-    if dtype == torch.bfloat16:
-        fs_in, ps_in = fs.to(torch.bfloat16).double(), ps.to(torch.bfloat16).double()
-    else:
-        fs_in, ps_in = fs, ps
-    expect = _manual(xs, fs_in, ps_in)
-    scale = expect.abs().max().item()
-    torch.testing.assert_close(y.double(), expect, rtol=tol, atol=tol * scale)
-    dy = _rand(*lead, c, seed=7)
-    (y.double() * dy).sum().backward()
-    (expect * dy).sum().backward()
-    assert w_fc.grad.dtype == wdtype and w_proj.grad.dtype == wdtype
-    for got, want in ((x.grad, xs.grad), (w_fc.grad, fs.grad), (w_proj.grad, ps.grad)):
-        gscale = want.abs().max().item()
-        torch.testing.assert_close(got.double(), want, rtol=gtol, atol=gtol * gscale)
+def test_relu2_mlp_ref_matches_math(lead, c, hd, dtype, tol, gtol):
+    _check_against_math(lead, c, hd, dtype, tol, gtol, impl="torch")
 
 
-def test_relu2_mlp_gradcheck():
-    x, w_fc, w_proj = _rand(3, 5, seed=1), _rand(11, 5, seed=2), _rand(4, 11, seed=3)
-    args = tuple(t.requires_grad_() for t in (x, w_fc, w_proj))
-    assert torch.autograd.gradcheck(relu2_mlp_ref, args)
+# The Triton path: N=37 and N=35 end inside a row tile; Hd=50/200/520/1000 end inside a 64-column tile; C=78 and
+# C=100 leave a masked K tail (BLOCK_K 64 or 32), C=384 and C=1664 (the depth-26 width) run the unmasked K loop.
+TRITON_CASES = [
+    ((37,), 384, 1536, torch.float32, 1e-4, 1e-4, INTERPRETER_CONFIG),
+    ((37,), 384, 1536, torch.float16, 1e-2, 1e-2, INTERPRETER_CONFIG),
+    ((2, 3), 1664, 1000, torch.float32, 1e-4, 1e-4, INTERPRETER_CONFIG),
+    ((2, 33), 78, 50, torch.float32, 1e-4, 1e-4, SMALL_CONFIG),
+    ((5, 7), 100, 200, torch.bfloat16, 5e-2, 5e-2, INTERPRETER_CONFIG),
+    ((37,), 128, 520, torch.float32, 1e-4, 1e-4, TMA_CONFIG),
+    ((37,), 128, 520, torch.float16, 1e-2, 1e-2, TMA_CONFIG),
+]
+
+
+@pytest.mark.parametrize("lead,c,hd,dtype,tol,gtol,config", TRITON_CASES)
+def test_relu2_mlp_triton_matches_math(lead, c, hd, dtype, tol, gtol, config):
+    _check_against_math(lead, c, hd, dtype, tol, gtol, impl="triton", config=config)
+
+
+def test_relu2_mlp_triton_auto_and_default_config():
+    """impl='auto' under the interpreter runs the kernel with its default config; matches the reference."""
+    x, w_fc, w_proj = _rand(3, 11, 40, seed=3).float(), _rand(90, 40, seed=4).float(), _rand(40, 90, seed=5).float()
+    want = relu2_mlp_ref(x, w_fc, w_proj)
+    tol = dict(rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(relu2_mlp(x, w_fc, w_proj), want, **tol)
+    torch.testing.assert_close(relu2_mlp(x, w_fc, w_proj, impl="triton"), want, **tol)
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (False, False, True)])
+def test_relu2_mlp_triton_partial_grads(need):
+    """Backward skips the products nobody asked for and still gets the requested ones right."""
+    base = (_rand(19, 64, seed=1).float(), _rand(100, 64, seed=2).float() / 8, _rand(64, 100, seed=3).float() / 10)
+    got = [t.clone().requires_grad_(n) for t, n in zip(base, need)]
+    want = [t.clone().requires_grad_(n) for t, n in zip(base, need)]
+    dy = _rand(19, 64, seed=4).float()
+    (relu2_mlp(*got, impl="triton") * dy).sum().backward()
+    (relu2_mlp_ref(*want) * dy).sum().backward()
+    for g, w, n in zip(got, want, need):
+        assert (g.grad is None) == (not n)
+        if n:
+            torch.testing.assert_close(g.grad, w.grad, rtol=1e-4, atol=1e-4 * w.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("config", [SMALL_CONFIG, TMA_CONFIG])
+@pytest.mark.parametrize("trans_b", [True, False])
+@pytest.mark.parametrize("epilogue", ["none", "relu2", "relu2_grad"])
+def test_gemm_matches_ref(epilogue, trans_b, config):
+    # M=70: three 32-row tiles, so with GROUP_M=2 the last L2 group is partial; N=136 and K=100 leave tails.
+    m, n, k = 70, 136, 100
+    a = _rand(m, k, seed=1).float()
+    b = (_rand(n, k, seed=2) if trans_b else _rand(k, n, seed=2)).float()
+    aux = _rand(m, n, seed=3).float().abs() if epilogue == "relu2_grad" else None
+    got = gemm(a, b, trans_b=trans_b, epilogue=epilogue, aux=aux, config=config)
+    want = gemm_ref(a, b, trans_b=trans_b, epilogue=epilogue, aux=aux)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_gemm_empty_shapes():
+    a, b = _rand(0, 8).float(), _rand(16, 8).float()
+    assert gemm(a, b, trans_b=True).shape == (0, 16)
+    out = gemm(_rand(5, 0).float(), _rand(0, 7).float(), trans_b=False, epilogue="relu2")
+    assert out.shape == (5, 7) and (out == 0).all()
+    x, w_fc, w_proj = (t.float().requires_grad_() for t in (_rand(0, 3, 8), _rand(16, 8), _rand(8, 16)))
+    y = relu2_mlp(x, w_fc, w_proj, impl="triton")
+    assert y.shape == (0, 3, 8)
+    y.sum().backward()
+    assert (w_fc.grad == 0).all() and (w_proj.grad == 0).all()
+
+
+def test_gemm_tuner_skips_failing_and_wrong_configs(monkeypatch):
+    """The tuner's choice, with a fake clock: a config that raises and one that is fast but wrong both lose."""
+    import triton.testing
+
+    from kernels import matmul
+
+    fake_ms = {"ok_slow": 3.0, "raises": 0.5, "wrong_fast": 1.0, "ok_fast": 2.0}
+    out = torch.empty(4, 4)
+    good = _rand(4, 4, seed=9).float()
+
+    def run(cfg):
+        name = next(n for n, c in configs.items() if c is cfg)
+        if name == "raises":
+            raise RuntimeError("out of shared memory")
+        out.copy_(good + (1.0 if name == "wrong_fast" else 0.0))
+        return name
+
+    configs = {name: matmul.GemmConfig(16 * (i + 1), 16, 16, 1, 4, 1) for i, name in enumerate(fake_ms)}
+    monkeypatch.setattr(matmul, "GEMM_CONFIGS", configs)
+    monkeypatch.setattr(matmul, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fake_ms[fn()])
+    assert matmul._tune("key", list(fake_ms), run, out) == "ok_fast"
+    assert matmul.tuned_configs() == {"key": "ok_fast"}
+    with pytest.raises(RuntimeError, match="no GEMM config"):
+        matmul._tune("key2", ["raises"], run, out)
+
+
+def test_gemm_configs_are_named_and_sane():
+    for name, cfg in GEMM_CONFIGS.items():
+        assert name.startswith(("ptr_", "tma_", "test_")) and cfg.tma == ("tma_" in name)
+        assert all(v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps))
 
 
 def test_relu2_mlp_bad_inputs():
@@ -66,3 +170,33 @@ def test_relu2_mlp_bad_inputs():
         relu2_mlp(x.long(), w_fc, w_proj)
     with pytest.raises(ValueError, match="same device"):
         relu2_mlp(x, w_fc.to("meta"), w_proj)
+    with pytest.raises(ValueError, match="config must be"):
+        relu2_mlp(x.float(), w_fc.float(), w_proj.float(), config="fastest")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        relu2_mlp(x, w_fc, w_proj, impl="triton")  # float64 has no kernel
+    # ... but impl="auto" falls back to the reference for it.
+    torch.testing.assert_close(relu2_mlp(x, w_fc, w_proj), relu2_mlp_ref(x, w_fc, w_proj))
+
+
+def test_gemm_bad_inputs():
+    a, b = _rand(4, 8).float(), _rand(16, 8).float()
+    with pytest.raises(ValueError, match="inner dims"):
+        gemm(a, b, trans_b=False)
+    with pytest.raises(TypeError, match="match a"):
+        gemm(a, b.half(), trans_b=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm(a, b.t(), trans_b=False)
+    with pytest.raises(ValueError, match="aux"):
+        gemm(a, b, trans_b=True, epilogue="relu2_grad")
+    with pytest.raises(ValueError, match="aux"):
+        gemm(a, b, trans_b=True, epilogue="relu2_grad", aux=_rand(4, 15).float())
+    with pytest.raises(ValueError, match="epilogue"):
+        gemm(a, b, trans_b=True, epilogue="gelu")
+    with pytest.raises(ValueError, match="needs TMA"):  # 10 fp16 elements = 20-byte rows: no TMA
+        gemm(_rand(4, 10).half(), _rand(16, 10).half(), trans_b=True, config=TMA_CONFIG)
+
+
+def test_relu2_mlp_gradcheck():
+    x, w_fc, w_proj = _rand(3, 5, seed=1), _rand(11, 5, seed=2), _rand(4, 11, seed=3)
+    args = tuple(t.requires_grad_() for t in (x, w_fc, w_proj))
+    assert torch.autograd.gradcheck(relu2_mlp_ref, args)

@@ -1,0 +1,392 @@
+"""Batched inference over the paged KV cache, with sampling, streaming, tool use and prefix reuse.
+
+A request is a prompt (token ids) plus `SamplingParams`. The engine keeps a queue of waiting requests and a
+set of running ones; each `step()`:
+  1. admits waiting requests while there is room in the batch and pages for their worst case
+     (prompt + max_tokens, capped at max_seq_len), so a running sequence never runs out of pages;
+     a request that could never fit is refused when it is added, the others wait in the queue;
+  2. runs one forward over the sequences with several tokens to feed (prompt prefill, in chunks, and tool
+     outputs), padded into one batch, and one forward over the sequences feeding a single token (decode);
+  3. samples the next token of every sequence whose input is consumed (temperature, top-k, top-p, with a
+     per-request seeded generator, so results do not depend on what else is in the batch), applies the stop
+     tokens, the tool-use state machine and the limits, and returns the new tokens as `TokenEvent`s with their
+     UTF-8-complete text.
+A finished request frees its pages at once and the next waiting one starts (continuous batching).
+
+Tool use (SPEC §11): the tokens between <|python_start|> and <|python_end|> are decoded and given to the
+calculator; <|output_start|> result <|output_end|> is then forced into the stream (fed to the model as one chunk,
+reported with forced=True). Forced tokens count towards max_tokens.
+
+Prefix reuse: a request made in a `Session` keeps its sequence's pages after it finishes; the session's next
+request reuses the longest common prefix of the cached tokens and its prompt and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.calculator import calculate
+from engine.gpt import HEAD_DIM
+from engine.kv_cache import OutOfPages, PagedKVCache, SequenceKV
+
+
+@dataclass
+class SamplingParams:
+    """max_tokens: generated tokens at most (forced tool outputs included). temperature 0 is greedy.
+    top_k / top_p: None disables. seed: None draws a fresh one. stop_tokens: None means <|assistant_end|> and
+    <|bos|> (when the engine has a tokenizer); stop tokens end the request and are not part of the output."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_tokens: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.max_tokens) is not int or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class TokenEvent:
+    """One new output token (token is None on the closing event, which carries finish_reason)."""
+
+    request_id: int
+    token: int | None
+    text: str  # the complete UTF-8 characters this token finishes ("" for special tokens)
+    forced: bool = False  # a tool output forced by the engine, not sampled
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the closing event
+
+
+@dataclass
+class Generation:
+    request_id: int
+    prompt: list[int]
+    tokens: list[int]
+    text: str
+    finish_reason: str | None
+    forced: list[bool]
+
+
+class Session:
+    """A conversation whose cache outlives each request (one request at a time). Close it to free its pages."""
+
+    def __init__(self) -> None:
+        self.kv = SequenceKV()
+        self.busy = False
+        self.closed = False
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        return list(self.kv.tokens)
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop: frozenset[int]
+    generator: torch.Generator
+    session: Session | None
+    kv: SequenceKV | None = None
+    pending: list[int] = field(default_factory=list)  # tokens to feed before the next sample
+    tokens: list[int] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    in_python: bool = False
+    expr: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def sample_from_logits(logits: torch.Tensor, top_k: Sequence[int | None], top_p: Sequence[float | None],
+                       generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of temperature-scaled logits (n, V), keeping each row's top_k tokens and the smallest
+    set of most likely tokens whose mass reaches top_p; row i draws from generators[i]. Returns (n,) int64."""
+    n, V = logits.shape
+    # Always draw in sorted order, filtered or not: a row's draw then depends only on its logits and generator.
+    vals, order = logits.float().sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)
+    k = torch.tensor([V if k is None else min(k, V) for k in top_k], device=logits.device)
+    keep = rank[None, :] < k[:, None]
+    if any(p is not None for p in top_p):
+        p = torch.tensor([1.0 if p is None else p for p in top_p], device=logits.device)
+        probs = F.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= (probs.cumsum(-1) - probs) < p[:, None]  # mass ranked strictly above; the top token always stays
+    probs = F.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return order.gather(1, picks[:, None])[:, 0]
+
+
+class Engine:
+    """Serve a GPT (engine.gpt) from a paged KV cache. See the module docstring."""
+
+    def __init__(self, model, tokenizer=None, *, page_size: int = 16, num_pages: int | None = None,
+                 max_batch_size: int = 32, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 impl: str = "auto", calculator: Callable[[str], str] = calculate) -> None:
+        cfg = model.config
+        self.model, self.tokenizer, self.calculator = model, tokenizer, calculator
+        self.device = next(model.parameters()).device
+        self.max_seq_len = cfg.sequence_len if max_seq_len is None else max_seq_len
+        if not 1 <= self.max_seq_len <= model.rotary_seq_len:
+            raise ValueError(f"max_seq_len must be in [1, {model.rotary_seq_len}] (the rotary table), "
+                             f"got {self.max_seq_len}")
+        if max_batch_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch_size and prefill_chunk must be >= 1, got {max_batch_size}, {prefill_chunk}")
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        if num_pages is None:
+            num_pages = max_batch_size * -(-self.max_seq_len // page_size)
+        self.cache = PagedKVCache(cfg.n_layer, num_pages, page_size, cfg.n_kv_head, HEAD_DIM,
+                                  dtype=model.compute_dtype, device=self.device, impl=impl)
+        self.vocab_size = cfg.vocab_size
+        self.special: dict[str, int] = {}
+        self._special_ids: frozenset[int] = frozenset()
+        if tokenizer is not None:
+            self.special = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+            self._special_ids = frozenset(self.special.values())
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._requests: dict[int, _Request] = {}
+        self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0}
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def new_session(self) -> Session:
+        return Session()
+
+    def close_session(self, session: Session) -> None:
+        if session.busy:
+            raise ValueError("cannot close a session while its request runs (cancel it first)")
+        self.cache.release(session.kv)
+        session.closed = True
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None,
+                    session: Session | None = None) -> int:
+        """Queue a request; returns its id. Raises ValueError for a request that could never run."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len ({self.max_seq_len})")
+        need = self.cache.pages_for(self._worst_case(prompt, params))
+        if need > self.cache.allocator.num_pages:
+            raise ValueError(f"request needs {need} pages (prompt {len(prompt)} + max_tokens {params.max_tokens}) "
+                             f"but the pool has {self.cache.allocator.num_pages}; lower max_tokens or add pages")
+        if session is not None and (session.busy or session.closed):
+            raise ValueError("the session is closed or already has a running request")
+        stop = params.stop_tokens
+        if stop is None:
+            stop = [self.special[n] for n in ("<|assistant_end|>", "<|bos|>") if n in self.special]
+        seed = random.SystemRandom().getrandbits(63) if params.seed is None else params.seed
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        req = _Request(next(self._ids), prompt, params, frozenset(stop), gen, session)
+        if session is not None:
+            session.busy = True
+        self._requests[req.id] = req
+        self._waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        req = self._requests.get(request_id)
+        if req is None or req.finish_reason is not None:
+            return
+        if req in self._waiting:
+            self._waiting.remove(req)
+        self._finish(req, "cancelled")
+        if req in self._running:
+            self._running.remove(req)
+
+    def result(self, request_id: int) -> Generation:
+        """The request's output so far; a finished request is forgotten once its result is taken."""
+        req = self._requests[request_id]
+        if req.finish_reason is not None:
+            del self._requests[request_id]
+        return Generation(req.id, req.prompt, list(req.tokens), "".join(req.text), req.finish_reason,
+                          list(req.forced))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # ---- driving ----------------------------------------------------------------------------------------------
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               session: Session | None = None) -> Iterator[TokenEvent]:
+        """Run the engine and yield this request's events as they come (other requests advance alongside).
+        Closing the iterator early cancels the request."""
+        rid = self.add_request(prompt, params, session)
+        done = False
+        try:
+            while not done:
+                for ev in self.step():
+                    if ev.request_id == rid:
+                        done = ev.finish_reason is not None
+                        yield ev
+        finally:
+            if not done:
+                self.cancel(rid)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Iterable[SamplingParams] | None = None) -> list[Generation]:
+        """Generate for every prompt (batched, continuously) and return the results in prompt order."""
+        plist = list(params) if isinstance(params, Iterable) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while any(self._requests[i].finish_reason is None for i in ids):
+            self.step()
+        return [self.result(i) for i in ids]
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, run the prefill and decode forwards, sample; returns the new events."""
+        self._admit()
+        multi = [r for r in self._running if len(r.pending) > 1]
+        single = [r for r in self._running if len(r.pending) == 1]
+        events: list[TokenEvent] = []
+        if multi:
+            events += self._forward(self._prefill_group(multi))
+        if single:
+            events += self._forward([(r, r.pending[:1]) for r in single])
+        self._running = [r for r in self._running if r.finish_reason is None]
+        return events
+
+    # ---- internals --------------------------------------------------------------------------------------------
+    def _worst_case(self, prompt: list[int], params: SamplingParams) -> int:
+        """Most tokens the cache holds for this request: the last generated token is never fed."""
+        return min(len(prompt) + params.max_tokens - 1, self.max_seq_len)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            req = self._waiting[0]
+            kv = req.session.kv if req.session is not None else SequenceKV()
+            reuse = 0
+            if req.session is not None:
+                common = next((i for i, (a, b) in enumerate(zip(kv.tokens, req.prompt)) if a != b),
+                              min(kv.length, len(req.prompt)))
+                reuse = min(common, len(req.prompt) - 1)  # the last prompt token is fed to get logits
+                self.cache.truncate(kv, reuse)
+            try:
+                self.cache.reserve(kv, self._worst_case(req.prompt, req.params))
+            except OutOfPages as e:
+                if self._running:
+                    return  # wait for running requests to free pages
+                raise OutOfPages(f"request {req.id} cannot start: {e}; the other pages are held by idle sessions "
+                                 f"(close them)") from None
+            self._waiting.popleft()
+            req.kv, req.pending = kv, req.prompt[reuse:]
+            self.stats["reused_tokens"] += reuse
+            self._running.append(req)
+
+    def _prefill_group(self, reqs: list[_Request]) -> list[tuple[_Request, list[int]]]:
+        """Sequences with several tokens to feed, each up to prefill_chunk tokens, while the padded batch
+        (B x longest chunk) stays within prefill_chunk tokens; the first one always goes."""
+        group: list[tuple[_Request, list[int]]] = []
+        longest = 0
+        for r in reqs:
+            chunk = r.pending[: self.prefill_chunk]
+            if group and (len(group) + 1) * max(longest, len(chunk)) > self.prefill_chunk:
+                break
+            group.append((r, chunk))
+            longest = max(longest, len(chunk))
+        return group
+
+    def _forward(self, group: list[tuple[_Request, list[int]]]) -> list[TokenEvent]:
+        reqs = [r for r, _ in group]
+        batch = self.cache.batch([r.kv for r in reqs], [c for _, c in group])
+        logits = batch.last_rows(self.model(batch.idx, cache=batch))  # (B, V) fp32
+        batch.commit()
+        self.stats["forwards"] += 1
+        self.stats["prefilled_tokens"] += sum(len(c) for _, c in group if len(c) > 1)
+        for r, c in group:
+            del r.pending[: len(c)]
+        ready = [i for i, r in enumerate(reqs) if not r.pending]
+        if not ready:
+            return []
+        tokens = self._sample(logits[ready], [reqs[i] for i in ready])
+        events: list[TokenEvent] = []
+        for i, tok in zip(ready, tokens):
+            events += self._accept(reqs[i], tok)
+        return events
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        out = logits.argmax(dim=-1)
+        hot = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
+        if hot:
+            temps = torch.tensor([reqs[i].params.temperature for i in hot], device=logits.device)
+            out[hot] = sample_from_logits(logits[hot] / temps[:, None], [reqs[i].params.top_k for i in hot],
+                                          [reqs[i].params.top_p for i in hot], [reqs[i].generator for i in hot])
+        self.stats["sampled_tokens"] += len(reqs)
+        return out.tolist()
+
+    def _accept(self, req: _Request, tok: int) -> list[TokenEvent]:
+        """Apply one sampled token: stop tokens, the tool state machine, the limits."""
+        if tok in req.stop:
+            return [self._finish(req, "stop")]
+        events = [self._emit(req, tok, forced=False)]
+        feed = [tok]
+        sp = self.special
+        if sp and tok == sp["<|python_start|>"]:
+            req.in_python, req.expr = True, []
+        elif sp and tok == sp["<|python_end|>"] and req.in_python:
+            req.in_python = False
+            result = self.calculator(self.tokenizer.decode(req.expr))
+            forced = [sp["<|output_start|>"], *self.tokenizer.encode(result), sp["<|output_end|>"]]
+            for f in forced[: req.params.max_tokens - len(req.tokens)]:
+                events.append(self._emit(req, f, forced=True))
+                feed.append(f)
+        elif req.in_python:
+            req.expr.append(tok)
+        if len(req.tokens) >= req.params.max_tokens or req.kv.length + len(feed) > self.max_seq_len:
+            events.append(self._finish(req, "length"))
+        else:
+            req.pending = feed
+        return events
+
+    def _emit(self, req: _Request, tok: int, forced: bool) -> TokenEvent:
+        req.tokens.append(tok)
+        req.forced.append(forced)
+        text = ""
+        if self.tokenizer is not None and tok not in self._special_ids:
+            text = req.decoder.decode(self.tokenizer.enc.decode_single_token_bytes(tok))
+        req.text.append(text)
+        return TokenEvent(req.id, tok, text, forced)
+
+    def _finish(self, req: _Request, reason: str) -> TokenEvent:
+        tail = req.decoder.decode(b"", final=True)
+        req.text.append(tail)
+        req.finish_reason = reason
+        req.pending = []
+        if req.kv is not None:
+            if req.session is not None:  # keep the conversation's pages, return the unused reservation
+                self.cache.truncate(req.kv, req.kv.length)
+            else:
+                self.cache.release(req.kv)
+        if req.session is not None:
+            req.session.busy = False
+        return TokenEvent(req.id, None, tail, finish_reason=reason)

@@ -1,0 +1,185 @@
+"""The paged KV cache: a page pool shared by all sequences, its allocator, per-sequence state, and the
+per-step view the model attends through.
+
+Keys and values of every layer live in two tensors (n_layer, num_pages, page_size, Hkv, D). A sequence owns a
+list of pages (its block table row); token j sits in page pages[j // page_size], row j % page_size, in every
+layer. Pages are handed out and taken back by a free-list allocator, so finished sequences' pages are reused by
+new ones and a sequence can be cut back (prefix reuse) by returning its tail pages.
+
+Inference state is explicit: the engine builds a `PagedBatch` for each forward step (which tokens of which
+sequences, at which positions), the model reads positions from it and appends k/v through it, and the engine
+calls `PagedBatch.commit()` afterwards to advance the sequences. The model never advances the cache itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kernels.paged_attention import paged_attention, paged_kv_append
+
+
+class OutOfPages(RuntimeError):
+    """The page pool has fewer free pages than a request needs."""
+
+
+class PageAllocator:
+    """A free list over page ids 0..num_pages-1. Double frees and foreign ids are errors."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
+        if n > len(self._free):
+            raise OutOfPages(f"need {n} pages but only {len(self._free)} of {self.num_pages} are free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._used.update(pages)
+        return pages
+
+    def free(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if p not in self._used:
+                raise ValueError(f"page {p} is not allocated (double free?)")
+            self._used.remove(p)
+            self._free.append(p)
+
+
+@dataclass
+class SequenceKV:
+    """One sequence's share of the cache: its pages and the tokens whose k/v they hold.
+
+    The token ids are kept so that a later request can reuse the longest common prefix, and so that the smear
+    of the first new token can use the previous token's normed embedding (a function of its id alone)."""
+
+    pages: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class PagedKVCache:
+    """The page pool of all layers plus its allocator."""
+
+    def __init__(self, n_layer: int, num_pages: int, page_size: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", impl: str = "auto") -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size, self.impl = page_size, impl
+        shape = (n_layer, num_pages, page_size, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = PageAllocator(num_pages)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def reserve(self, seq: SequenceKV, n_tokens: int) -> None:
+        """Give `seq` pages for n_tokens tokens in total (raises OutOfPages, allocating nothing, when short)."""
+        extra = self.pages_for(n_tokens) - len(seq.pages)
+        if extra > 0:
+            seq.pages.extend(self.allocator.allocate(extra))
+
+    def truncate(self, seq: SequenceKV, n_tokens: int) -> None:
+        """Keep the first n_tokens tokens of `seq` and return the pages past them to the pool."""
+        n_tokens = max(0, min(n_tokens, seq.length))
+        del seq.tokens[n_tokens:]
+        keep = self.pages_for(n_tokens)
+        self.allocator.free(seq.pages[keep:])
+        del seq.pages[keep:]
+
+    def release(self, seq: SequenceKV) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages.clear()
+        seq.tokens.clear()
+
+    def batch(self, seqs: Sequence[SequenceKV], chunks: Sequence[Sequence[int]]) -> PagedBatch:
+        return PagedBatch(self, seqs, chunks)
+
+
+class PagedBatch:
+    """One forward step over some sequences: the `cache` argument of `GPT.forward`.
+
+    chunks[i] are the new tokens of seqs[i] (at least one each); `idx` holds them padded on the right with
+    token 0 to (B, T). What the model uses:
+        positions    (B, T) int64 absolute position of every token (0 on padding)
+        prev_tokens  (B,) int64 the token just before each chunk, -1 where the sequence starts
+        attend(layer, q, k, v, window) -> (B, T, H, D): append this chunk's k, v of `layer` to the pages, then
+                     attend over each whole sequence (paged_attention); padding rows come back zero.
+    After the forward, `commit()` records the chunks as cached.
+    """
+
+    def __init__(self, cache: PagedKVCache, seqs: Sequence[SequenceKV], chunks: Sequence[Sequence[int]]) -> None:
+        if len(seqs) != len(chunks) or not seqs:
+            raise ValueError(f"need one non-empty chunk per sequence, got {len(seqs)} sequences, {len(chunks)} chunks")
+        ps = cache.page_size
+        B, T = len(seqs), max(len(c) for c in chunks)
+        max_pages = max(1, max(len(s.pages) for s in seqs))
+        idx = np.zeros((B, T), dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        slots = np.full((B, T), -1, dtype=np.int64)
+        table = np.zeros((B, max_pages), dtype=np.int64)
+        lens = np.zeros((3, B), dtype=np.int64)  # seq_lens, q_lens, prev_tokens
+        for i, (s, c) in enumerate(zip(seqs, chunks)):
+            n, m = s.length, len(c)
+            if m == 0:
+                raise ValueError(f"sequence {i} has an empty chunk")
+            if n + m > len(s.pages) * ps:
+                raise ValueError(f"sequence {i} holds {len(s.pages)} pages, too few for {n + m} tokens: reserve first")
+            p = n + np.arange(m)
+            pages = np.asarray(s.pages, dtype=np.int64)
+            idx[i, :m], pos[i, :m] = c, p
+            slots[i, :m] = pages[p // ps] * ps + p % ps
+            table[i, : len(pages)] = pages
+            lens[:, i] = (n + m, m, s.tokens[-1] if n else -1)
+        # One host-to-device copy for all index tensors.
+        flat = torch.from_numpy(np.concatenate([idx.ravel(), pos.ravel(), slots.ravel(), table.ravel(), lens.ravel()]))
+        flat = flat.to(cache.device, non_blocking=True)
+        sizes = [B * T, B * T, B * T, B * max_pages, 3 * B]
+        idx_t, pos_t, slots_t, table_t, lens_t = torch.split(flat, sizes)
+        self.cache, self.seqs, self.chunks = cache, list(seqs), [list(c) for c in chunks]
+        self.idx, self.positions, self.slots = idx_t.view(B, T), pos_t.view(B, T), slots_t
+        self.block_table = table_t.view(B, max_pages).to(torch.int32)
+        lens_t = lens_t.view(3, B)
+        self.seq_lens, self.q_lens = lens_t[0].to(torch.int32), lens_t[1].to(torch.int32)
+        self.prev_tokens = lens_t[2]
+        self.q_lens_list = [len(c) for c in chunks]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """q (B, T, H, D), k and v (B, T, Hkv, D) for this step's tokens -> (B, T, H, D)."""
+        B, T, Hkv, D = k.shape
+        kp, vp = self.cache.k[layer], self.cache.v[layer]
+        paged_kv_append(kp, vp, k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), self.slots, impl=self.cache.impl)
+        return paged_attention(q, kp, vp, self.block_table, self.seq_lens, self.q_lens, window=window,
+                               impl=self.cache.impl)
+
+    def last_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The row of each sequence's last real token: (B, T, ...) -> (B, ...)."""
+        return x[torch.arange(x.size(0), device=x.device), self.q_lens.to(x.device).long() - 1]
+
+    def commit(self) -> None:
+        """Record this step's chunks as cached (call once, after the forward)."""
+        for s, c in zip(self.seqs, self.chunks):
+            s.tokens.extend(c)

@@ -1,0 +1,370 @@
+"""Attention over a paged KV cache (inference), and the append of new keys and values into the pages.
+
+Layout (one layer):
+    k_pages, v_pages  (num_pages, page_size, Hkv, D): the page pool.
+    block_table       (B, max_pages) int32: token j of sequence b lives in page block_table[b, j // page_size],
+                      row j % page_size.
+    seq_lens          (B,) int32: tokens in the cache of each sequence, the new ones included.
+    q                 (B, Tq, H, D), padded on the right; q_lens (B,) int32 says how many rows of sequence b are
+                      real (None: all Tq). Real query t of sequence b sits at position seq_lens[b] - q_lens[b] + t,
+                      so one call serves prefill chunks (q_len = chunk length) and decode steps (q_len = 1) alike.
+Mask (SPEC §1): the query at position p sees key j iff j <= p and p - j <= window. Query head h reads kv head
+h // (H / Hkv). Padding rows (t >= q_lens[b]) of the output are zero.
+
+The kernel runs one program per (sequence, kv head, block of BLOCK_M packed rows, KV split). The G = H / Hkv query
+heads of one kv head are packed into the rows together with the queries (row r: query r // G, head r % G), so
+every key tile loaded serves all G heads and the KV bytes are read once per kv head. Keys are gathered token by
+token through the block table (any page size works). Online softmax in fp32 with exp2 (scale folded into
+log2 e). Split-KV (flash-decoding): the visible key range of a program is cut into NUM_SPLITS pieces run by
+separate programs, each writing its normalized partial output o_s and log2-sum-exp l_s; a combine kernel merges
+them, o = sum_s 2^(l_s - M) o_s / sum_s 2^(l_s - M) with M = max_s l_s. This keeps the GPU busy at batch 1.
+Bytes (decode): reads 2 x sum_b min(seq_len_b, window + 1) x Hkv x D x itemsize of KV, plus q; writes B x H x D.
+Not differentiable: inference only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels.attention import flash_attention_ref
+
+_TRITON_AVAILABLE = True
+_NO_WINDOW = 1 << 30  # a window wider than any context
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q,  # (B, Tq, H, D) queries, last dim contiguous
+    K,  # (num_pages, page_size, Hkv, D) key pages, contiguous
+    V,  # (num_pages, page_size, Hkv, D) value pages, same layout as K
+    BT,  # (B, max_pages) int32 block table
+    SEQ,  # (B,) int32 tokens in the cache per sequence (new ones included)
+    QLEN,  # (B,) int32 real query rows per sequence
+    Out,  # (B, Tq, H, D) output (NUM_SPLITS == 1) ...
+    OP,  # ... or (B, NUM_SPLITS, Tq, H, D) fp32 partial outputs (NUM_SPLITS > 1)
+    LP,  # (B, NUM_SPLITS, Tq, H) fp32 partial log2-sum-exp (NUM_SPLITS > 1)
+    stride_qb, stride_qt, stride_qh,  # q strides (elements)
+    stride_kp, stride_kt, stride_kh,  # page-pool strides: page, row in page, kv head
+    stride_btb,  # block-table row stride
+    stride_ob, stride_ot, stride_oh,  # output strides
+    qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (keys j with p - j <= window)
+    n_kv_heads,  # Hkv
+    Tq,  # padded query rows per sequence
+    GROUP: tl.constexpr,  # query heads per kv head (G)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_M: tl.constexpr,  # packed (query, head) rows per program
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    NUM_SPLITS: tl.constexpr,  # KV splits (1: write Out directly)
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+    seq_len = tl.load(SEQ + b)
+    q_len = tl.load(QLEN + b)
+    ctx = seq_len - q_len  # position of query row 0
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // GROUP
+    h = kvh * GROUP + rows % GROUP
+    row_ok = t < q_len
+    pos = ctx + t
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    # Keys visible to some row of this block: [first row's position - window, last row's position].
+    t_first = (pid_m * BLOCK_M) // GROUP
+    t_last = tl.minimum(((pid_m + 1) * BLOCK_M - 1) // GROUP, q_len - 1)
+    lo = tl.maximum(ctx + t_first - window, 0)
+    hi = tl.minimum(ctx + t_last + 1, seq_len)
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    s_lo = lo + pid_s * per_split * BLOCK_N
+    s_hi = tl.minimum(hi, s_lo + per_split * BLOCK_N)
+
+    q_off = b.to(tl.int64) * stride_qb + t.to(tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows give p = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = BT + b.to(tl.int64) * stride_btb
+    for start in range(s_lo, s_hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_ok = kpos < s_hi
+        page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kp + (kpos % PAGE_SIZE).to(tl.int64) * stride_kt + kvh * stride_kh
+        kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
+        s = tl.dot(q, kt) * qk_scale  # (M, N), log2 units
+        visible = (kpos[None, :] <= pos[:, None]) & (pos[:, None] - kpos[None, :] <= window)
+        s = tl.where(visible & k_ok[None, :] & row_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o_off = b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        tl.store(Out + o_off[:, None] + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        n_q_heads = n_kv_heads * GROUP
+        lrow = ((b.to(tl.int64) * NUM_SPLITS + pid_s) * Tq + t) * n_q_heads + h  # (B, S, Tq, H) index
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(LP + lrow, lse, mask=row_ok)
+        tl.store(OP + lrow[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    OP,  # (B, NUM_SPLITS, Tq, H, D) fp32 partial outputs
+    LP,  # (B, NUM_SPLITS, Tq, H) fp32 partial log2-sum-exp
+    Out,  # (B, Tq, H, D) output
+    QLEN,  # (B,) int32 real query rows per sequence
+    stride_ob, stride_ot, stride_oh,  # output strides
+    Tq,  # padded query rows per sequence
+    n_q_heads,  # H
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # D rounded up to a power of two
+    NUM_SPLITS: tl.constexpr,  # partials per row
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    pid = tl.program_id(0)  # b * Tq + t
+    h = tl.program_id(1)
+    b = pid // Tq
+    t = pid % Tq
+    q_len = tl.load(QLEN + b)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lrow = ((b.to(tl.int64) * NUM_SPLITS + s) * Tq + t) * n_q_heads + h  # (BLOCK_S,)
+    s_ok = (s < NUM_SPLITS) & (s * 0 + t < q_len)
+    lse = tl.load(LP + lrow, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # only for padding rows, which are not stored
+    w = tl.exp2(lse - m)
+    part = tl.load(OP + lrow[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    o_off = b.to(tl.int64) * stride_ob + t.to(tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+    tl.store(Out + o_off + d, out.to(Out.dtype.element_ty), mask=(d < HEAD_DIM) & (d * 0 + t < q_len))
+
+
+@triton.jit
+def _append_kernel(
+    KN,  # (N, Hkv * D) new keys, rows contiguous
+    VN,  # (N, Hkv * D) new values
+    KP,  # (num_pages * page_size, Hkv * D) key pages viewed as slots
+    VP,  # (num_pages * page_size, Hkv * D) value pages viewed as slots
+    SLOTS,  # (N,) int64 slot of each new token (page * page_size + row); < 0: skip
+    stride_kn, stride_vn,  # row strides of the new keys / values
+    ROW: tl.constexpr,  # Hkv * D
+    BLOCK: tl.constexpr,  # ROW rounded up to a power of two
+):
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + i)
+    c = tl.arange(0, BLOCK)
+    ok = (c < ROW) & (c * 0 + slot >= 0)
+    dst = slot * ROW + c
+    tl.store(KP + dst, tl.load(KN + i * stride_kn + c, mask=ok), mask=ok)
+    tl.store(VP + dst, tl.load(VN + i * stride_vn + c, mask=ok), mask=ok)
+
+
+# ---- references -------------------------------------------------------------------------------------------------
+def paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens=None, window=None, scale=None):
+    """Gather each sequence's pages into a dense (1, seq_len, Hkv, D) cache and run the dense reference."""
+    B, Tq = q.shape[:2]
+    page_size = k_pages.size(1)
+    q_lens = [Tq] * B if q_lens is None else q_lens.tolist()
+    out = torch.zeros_like(q)
+    for b, (n, m) in enumerate(zip(seq_lens.tolist(), q_lens)):
+        if m == 0:
+            continue
+        pages = block_table[b, : -(-n // page_size)].long()
+        k = k_pages[pages].flatten(0, 1)[:n]
+        v = v_pages[pages].flatten(0, 1)[:n]
+        out[b, :m] = flash_attention_ref(q[b : b + 1, :m], k[None], v[None], causal=True, window=window, scale=scale)[0]
+    return out
+
+
+def paged_kv_append_ref(k_pages, v_pages, k, v, slots) -> None:
+    """Write k[i], v[i] ((N, Hkv, D)) into slot slots[i] = page * page_size + row; slots < 0 are skipped."""
+    keep = slots >= 0
+    k_pages.view(-1, *k_pages.shape[2:])[slots[keep]] = k[keep]
+    v_pages.view(-1, *v_pages.shape[2:])[slots[keep]] = v[keep]
+
+
+# ---- launchers --------------------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pick_splits(programs: int, max_kv_blocks: int, device: torch.device) -> int:
+    """Enough splits for about four programs per SM (decode is latency-bound: many loads must be in flight),
+    each split keeping at least 4 key blocks so the combine stays cheap."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = -(-4 * _sm_count(index) // programs)
+    return max(1, min(want, max_kv_blocks // 4, 32))
+
+
+def _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale, num_splits):
+    B, Tq, H, D = q.shape
+    num_pages, page_size, Hkv, _ = k_pages.shape
+    group = H // Hkv
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_m = min(64, max(16, triton.next_power_of_2(Tq * group)))
+    block_n = 64 if D <= 128 else 32
+    m_blocks = triton.cdiv(Tq * group, block_m)
+    if num_splits is None:
+        num_splits = _pick_splits(B * Hkv * m_blocks, triton.cdiv(block_table.size(1) * page_size, block_n), q.device)
+    out = torch.zeros_like(q)
+    if num_splits > 1:
+        part = torch.empty((B, num_splits, Tq, H, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((B, num_splits, Tq, H), device=q.device, dtype=torch.float32)
+    else:
+        part = lse = out  # unused
+    grid = (B * Hkv, m_blocks, num_splits)
+    _paged_attention_kernel[grid](
+        q, k_pages, v_pages, block_table, seq_lens, q_lens, out, part, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        block_table.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        scale * math.log2(math.e), _NO_WINDOW if window is None else window, Hkv, Tq,
+        GROUP=group, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE_SIZE=page_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
+    )
+    if num_splits > 1:
+        _combine_kernel[(B * Tq, H)](
+            part, lse, out, q_lens, out.stride(0), out.stride(1), out.stride(2), Tq, H,
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
+
+
+def _check_index(name: str, t: object, shape: tuple) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.ndim != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    return t.to(torch.int32).contiguous()
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_lens: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal attention of new queries over a paged KV cache (layout and mask in the module docstring).
+
+    q: (B, Tq, H, D); k_pages, v_pages: (num_pages, page_size, Hkv, D), same dtype and device as q, contiguous,
+    H % Hkv == 0. block_table: (B, max_pages) int; seq_lens, q_lens: (B,) int with q_lens <= Tq and
+    q_lens <= seq_lens <= max_pages * page_size (values are checked for CPU tensors only, to spare a sync).
+    window: None or an int >= 0. scale: None means 1/sqrt(D). num_splits: KV splits (None: chosen from the
+    batch and the device). Returns (B, Tq, H, D) in q's dtype, zero on padding rows. Not differentiable.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k_pages", k_pages, ndim=4)
+    check_tensor("v_pages", v_pages, ndim=4)
+    block_table = _check_index("block_table", block_table, (q.size(0), None))
+    seq_lens = _check_index("seq_lens", seq_lens, (q.size(0),))
+    q_lens = seq_lens.new_full(seq_lens.shape, q.size(1)) if q_lens is None else _check_index("q_lens", q_lens,
+                                                                                              (q.size(0),))
+    check_same_device(q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table, seq_lens=seq_lens, q_lens=q_lens)
+    if not (q.dtype == k_pages.dtype == v_pages.dtype):
+        raise TypeError(f"q, k_pages, v_pages must share one dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must have the same shape, got {tuple(k_pages.shape)} and "
+                         f"{tuple(v_pages.shape)}")
+    if not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        raise ValueError("k_pages and v_pages must be contiguous (num_pages, page_size, Hkv, D) tensors")
+    B, Tq, H, D = q.shape
+    num_pages, page_size, Hkv, _ = k_pages.shape
+    if k_pages.size(3) != D:
+        raise ValueError(f"q head_dim {D} != page head_dim {k_pages.size(3)}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hkv})")
+    if window is not None and (type(window) is not int or window < 0):
+        raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+    if not q.is_cuda:  # value checks cost a device sync on GPU; on CPU they are cheap
+        if bool(((q_lens < 0) | (q_lens > Tq) | (seq_lens < q_lens)).any()):
+            raise ValueError(f"need 0 <= q_lens <= Tq ({Tq}) and q_lens <= seq_lens, got q_lens {q_lens.tolist()} "
+                             f"and seq_lens {seq_lens.tolist()}")
+        if bool((seq_lens > block_table.size(1) * page_size).any()):
+            raise ValueError(f"seq_lens {seq_lens.tolist()} exceed the block table's capacity "
+                             f"({block_table.size(1)} pages x {page_size})")
+        used = torch.arange(block_table.size(1)) < (seq_lens[:, None] + page_size - 1) // page_size
+        if bool(((block_table < 0) | (block_table >= num_pages))[used].any()):
+            raise ValueError(f"block_table refers to pages outside [0, {num_pages})")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if resolve_impl(impl, q, k_pages, v_pages, available=_TRITON_AVAILABLE) == "triton":
+        return _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale, num_splits)
+    return paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale)
+
+
+def paged_kv_append(
+    k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+    *, impl: str = "auto",
+) -> None:
+    """Write new keys and values into the page pool, in place.
+
+    k_pages, v_pages: (num_pages, page_size, Hkv, D) contiguous, overwritten at the given slots. k, v: (N, Hkv, D)
+    in the pages' dtype. slots: (N,) int, slot = page * page_size + row; a negative slot skips that token
+    (padding). Slots must be distinct. Reads and writes 2 x N x Hkv x D elements.
+    """
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=(4 if name.endswith("pages") else 3))
+    int_slots = isinstance(slots, torch.Tensor) and slots.dtype in (torch.int32, torch.int64)
+    if not int_slots or slots.shape != k.shape[:1]:
+        raise ValueError(f"slots must be an int tensor of shape ({k.size(0)},)")
+    check_same_device(k_pages=k_pages, v_pages=v_pages, k=k, v=v, slots=slots)
+    if k_pages.shape != v_pages.shape or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        raise ValueError("k_pages and v_pages must be contiguous tensors of one shape")
+    if k.shape != v.shape or k.shape[1:] != k_pages.shape[2:]:
+        raise ValueError(f"k and v must have shape (N, {k_pages.size(2)}, {k_pages.size(3)}), got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if not (k.dtype == v.dtype == k_pages.dtype == v_pages.dtype):
+        raise TypeError(f"k, v and the pages must share one dtype, got {k.dtype}, {v.dtype}, {k_pages.dtype}")
+    slots = slots.to(torch.int64).contiguous()
+    if not k.is_cuda and bool((slots >= k_pages.size(0) * k_pages.size(1)).any()):
+        raise ValueError(f"slots must be < num_pages * page_size ({k_pages.size(0) * k_pages.size(1)})")
+    if resolve_impl(impl, k, v, k_pages, v_pages, available=_TRITON_AVAILABLE) == "torch":
+        paged_kv_append_ref(k_pages, v_pages, k, v, slots)
+        return
+    if k.size(0) == 0:
+        return
+    k, v = k.reshape(k.size(0), -1).contiguous(), v.reshape(v.size(0), -1).contiguous()
+    row = k.size(1)
+    _append_kernel[(k.size(0),)](k, v, k_pages, v_pages, slots, k.stride(0), v.stride(0),
+                                 ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
