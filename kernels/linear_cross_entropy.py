@@ -1,0 +1,147 @@
+"""The lm_head projection fused with softcapped cross-entropy, chunked over tokens: the N x V logits are
+never held, only one chunk of R rows at a time. The public entry is
+``kernels.cross_entropy.linear_softcap_cross_entropy``; this file is its kernel path.
+
+For each chunk x_c (R, C) of the rows of x, with W = weight[:V] in x's dtype (V = vocab_size):
+    logits_c = x_c @ W^T                (R, V), x's dtype, cuBLAS, into one buffer reused by every chunk
+    CE kernel: loss per row; logits_c is overwritten by dloss/dlogits_c (fp32 math, see cross_entropy.py)
+    grad_x_c = dlogits_c @ W            (R, C), x's dtype
+    grad_W  += dlogits_c^T @ x_c        (V, C), accumulated in fp32 over the chunks
+Rows of weight beyond V are never read and get a zero gradient.
+FLOPs: 2*N*V*C for the logits, and 2*N*V*C each for grad_x and grad_W when gradients are wanted.
+Bytes beyond the matmuls: the CE kernel's 3*N*V*s (s = bytes per element of x) and, per chunk, the fp32
+grad_W accumulation (read+write 8*V*C, plus an fp32 (V, C) product for half-precision x on CUDA).
+
+Gradients, by reduction:
+  "mean"/"sum": with autograd on, the forward computes grad_x and grad_W along with the loss (each row's
+      gradient is scaled by 1/count, count = non-ignored targets of the whole batch, or by 1); backward
+      multiplies them by the upstream scalar.
+  "none": the forward computes losses only; backward recomputes each chunk's logits and runs the kernel
+      with the upstream gradient of each row as its scale (one extra matmul, arbitrary upstream grads).
+  No autograd (torch.no_grad, or no input requiring grad): losses only, no gradient work.
+Memory beyond inputs and gradients: one (R, V) chunk in x's dtype, W in x's dtype when weight has another
+dtype (the fp32 master weight under bf16 x), the fp32 (Vp, C) grad_W accumulator (plus one fp32 (V, C)
+product at a time for half-precision x on CUDA), 4 bytes of loss per row; nothing else grows with N.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.cross_entropy import _ce_rows, _mean_scale, _reduce
+
+_CHUNK_LOGITS = 1 << 27  # logits elements per chunk: 256 MiB in bf16 (R = 4096 rows at V = 32768)
+
+
+def _chunk_rows(n: int, vocab: int) -> int:
+    """Rows per chunk for N tokens and V classes.
+
+    R = floor(2^27 / V) rounded down to a multiple of 128 (at least 256), so a chunk of logits holds about
+    2^27 elements whatever N is; each chunk's matmuls stay large (R x V x C, e.g. 4096 x 32768 x 1536) and
+    grad_W is accumulated only ceil(N / R) times. The rows are then balanced across the ceil(N / R) chunks
+    (rounded up to a multiple of 128, never above R) so that the last chunk is not a sliver. N <= R: one chunk.
+    """
+    cap = max(256, _CHUNK_LOGITS // vocab // 128 * 128)
+    if n <= cap:
+        return max(n, 1)
+    per_chunk = -(-n // -(-n // cap))  # ceil(N / number of chunks)
+    return min(cap, -(-per_chunk // 128) * 128)
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, the product rounded once to fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # cuBLAS: half inputs, fp32 accumulate and output
+    else:  # no fp32-output half matmul on CPU: the chunk's product is rounded to a's dtype first
+        acc.add_(torch.mm(a, b))
+
+
+def _chunked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None,
+    ignore_index: int,
+    vocab: int,
+    scale: torch.Tensor | None = None,
+    row_scale: bool = False,
+    need_x: bool = False,
+    need_w: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Losses (N,) fp32; grad_x (N, C) in x's dtype if need_x; grad_W (Vp, C) fp32 if need_w.
+
+    targets: (N,) contiguous. scale: None for losses only, else the fp32 gradient scale (one value, or (N,)
+    per row when row_scale).
+    """
+    c = x.size(-1)
+    x2 = x.reshape(-1, c).contiguous()
+    w = weight[:vocab].to(x.dtype).contiguous()  # (V, C); a copy only when the dtypes differ
+    n = x2.size(0)
+    grads = scale is not None
+    losses = torch.empty(n, dtype=torch.float32, device=x.device)
+    gx = torch.empty_like(x2) if grads and need_x else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads and need_w else None
+    rows = _chunk_rows(n, vocab)
+    buf = torch.empty((min(rows, n), vocab), dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        xc, lg = x2[start:end], buf[: end - start]
+        torch.mm(xc, w.t(), out=lg)
+        _ce_rows(lg, targets[start:end], softcap, ignore_index, grad=lg if grads else None,
+                 scale=scale[start:end] if row_scale else scale, row_scale=row_scale, out=losses[start:end])
+        if gx is not None:
+            torch.mm(lg, w, out=gx[start:end])
+        if gw is not None:
+            _add_product_fp32(gw[:vocab], lg.t(), xc)
+    return losses, gx, gw
+
+
+class _LinearSoftcapCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, vocab):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.meta = (x.shape, weight.dtype, softcap, ignore_index, reduction, vocab, need_x, need_w)
+        t = targets.reshape(-1).contiguous()
+        if reduction == "none":
+            ctx.save_for_backward(x, weight, t)
+            return _chunked(x, weight, t, softcap, ignore_index, vocab)[0].view(targets.shape)
+        count, scale = _mean_scale(t, ignore_index, reduction)
+        losses, gx, gw = _chunked(x, weight, t, softcap, ignore_index, vocab, scale, need_x=need_x, need_w=need_w)
+        ctx.save_for_backward(gx, gw)
+        return _reduce(losses, count, targets.shape, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        x_shape, w_dtype, softcap, ignore_index, reduction, vocab, need_x, need_w = ctx.meta
+        if reduction == "none":
+            x, weight, t = ctx.saved_tensors
+            row = dloss.reshape(-1).float().contiguous()
+            _, gx, gw = _chunked(x, weight, t, softcap, ignore_index, vocab, row, True, need_x, need_w)
+        else:
+            gx, gw = ctx.saved_tensors
+            gx = None if gx is None else gx * dloss
+            gw = None if gw is None else gw * dloss
+        gx = None if gx is None else gx.view(x_shape)
+        gw = None if gw is None else gw.to(w_dtype)
+        return gx, gw, None, None, None, None, None
+
+
+def fused_linear_softcap_ce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None,
+    ignore_index: int,
+    reduction: str,
+    vocab: int,
+) -> torch.Tensor:
+    """The kernel path of ``linear_softcap_cross_entropy`` on arguments it has already checked; vocab is
+    the number of leading rows of weight that are classes. Gradient work happens only under autograd."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearSoftcapCE.apply(x, weight, targets, softcap, ignore_index, reduction, vocab)
+    t = targets.reshape(-1).contiguous()
+    count, _ = _mean_scale(t, ignore_index, reduction)
+    return _reduce(_chunked(x, weight, t, softcap, ignore_index, vocab)[0], count, targets.shape, reduction)
