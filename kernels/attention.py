@@ -1,21 +1,200 @@
-"""Causal attention with an optional sliding window and grouped-query heads.
+"""Causal attention with an optional sliding window and grouped-query heads: Triton flash attention
+(forward and backward) and its PyTorch reference.
 
 Queries are the last Tq of Tk positions: query i sits at absolute position p = Tk - Tq + i and sees key j
 iff j <= p and p - j <= window (window None: no limit; window 0: only itself). Every query therefore
 sees at least one key. Query head h reads key/value head h // (H / Hkv).
-FLOPs (forward): 4 x B x H x D x (number of visible (query, key) pairs).
+FLOPs (forward): 4 x B x H x D x (number of visible (query, key) pairs); backward 2.5x that (five
+matmuls per tile against two, the score matmul recomputed).
+
+The kernels live in kernels/flash_attention_kernels.py. Tile shapes come from ATTENTION_CONFIGS: on CUDA
+each kernel is autotuned over that list (keyed by power-of-two size buckets, so a growing sequence does
+not re-tune on every length); ``config="<name>"`` pins one entry, which is also what CPU tensors (the
+Triton interpreter) get by default.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels.flash_attention_kernels import (
+    _attn_bwd_delta_kernel,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_fwd_kernel,
+)
 
-_TRITON_AVAILABLE = False
+_TRITON_AVAILABLE = True
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation inside
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_MAX_HEAD_DIM = 128  # larger heads run the reference under impl="auto"
+_LOG2E = 1.4426950408889634
+_DELTA_BLOCK = 64  # rows per program of the backward's delta = rowsum(dO * O)
+
+# name -> (held, iterated, num_warps, num_stages). "held" is the tile a program keeps in registers (query
+# rows in the forward and dQ kernels, keys in the dK/dV kernel); "iterated" is the tile its loop steps over.
+ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
+    "h128_i64_w8_s3": (128, 64, 8, 3),
+    "h128_i128_w8_s2": (128, 128, 8, 2),
+    "h128_i32_w4_s3": (128, 32, 4, 3),
+    "h64_i64_w4_s3": (64, 64, 4, 3),
+    "h64_i32_w4_s4": (64, 32, 4, 4),
+    "h16_i16_w4_s1": (16, 16, 4, 1),  # short sequences and one-token decode; many tile boundaries in tests
+}
+INTERPRETER_CONFIG = "h64_i32_w4_s4"  # the CPU default: few, unequal tiles (the interpreter pays per tile)
+_TUNE_KEY = ["tune_tq", "tune_tk", "tune_w", "GROUP", "CAUSAL", "WINDOWED", "HEAD_DIM"]
+_KERNELS = {  # kind -> (kernel, whether the held tile is the query tile BLOCK_M)
+    "fwd": (_attn_fwd_kernel, True),
+    "dq": (_attn_bwd_dq_kernel, True),
+    "dkdv": (_attn_bwd_dkdv_kernel, False),
+}
+
+
+def _blocks(name: str, held_is_m: bool) -> dict[str, int]:
+    held, iterated = ATTENTION_CONFIGS[name][:2]
+    return {"BLOCK_M": held, "BLOCK_N": iterated} if held_is_m else {"BLOCK_M": iterated, "BLOCK_N": held}
+
+
+@functools.cache
+def _autotuned(kind: str):
+    """The autotuned wrapper of one kernel, built on first use (nothing is compiled or queried at import)."""
+    kernel, held_is_m = _KERNELS[kind]
+    configs = [
+        triton.Config(_blocks(name, held_is_m), num_warps=ATTENTION_CONFIGS[name][2],
+                      num_stages=ATTENTION_CONFIGS[name][3])
+        for name in ATTENTION_CONFIGS
+    ]
+    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+
+
+def _launch(kind: str, config: str | None, grid, *args, **consts) -> None:
+    """Run kernel `kind` with the pinned config, or autotuned when config is None. grid(block_m, block_n)."""
+    kernel, held_is_m = _KERNELS[kind]
+    if config is None:
+        _autotuned(kind)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return
+    blocks = _blocks(config, held_is_m)
+    _, _, num_warps, num_stages = ATTENTION_CONFIGS[config]
+    kernel[grid(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **consts, **blocks, num_warps=num_warps,
+                                                      num_stages=num_stages)
+
+
+def _check_config(config: str | None) -> None:
+    if config is not None and config not in ATTENTION_CONFIGS:
+        raise ValueError(f"config must be None (autotune) or one of {sorted(ATTENTION_CONFIGS)}, got {config!r}")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any batch/time/head strides but address D contiguously; the model's views qualify.
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def _constants(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | None) -> tuple[int, dict]:
+    """(window as an int, the kernels' shared constexprs and tuning buckets)."""
+    tq, tk, h, hkv, d = q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)
+    windowed = causal and window is not None and window < tk - 1  # a wider window masks nothing
+    upcast = q.device.type != "cuda"  # the interpreter (CPU tensors) gets fp32 dot operands: its bf16 dot is wrong
+    consts = dict(
+        tune_tq=triton.next_power_of_2(tq), tune_tk=triton.next_power_of_2(tk),
+        tune_w=triton.next_power_of_2(window + 1) if windowed else 0,
+        GROUP=h // hkv, CAUSAL=bool(causal), WINDOWED=windowed, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT=tl.float32 if upcast else _TL_DTYPES[q.dtype],
+        PRECISION="ieee" if (q.dtype == torch.float32 or upcast) else "tf32",
+    )
+    return (window if windowed else 0), consts
+
+
+def _attention_forward(q, k, v, causal: bool, window: int | None, scale: float, config: str | None):
+    """o (B, Tq, H, D) in q's dtype and lse2 (B, H, Tq) fp32 (log2 of the softmax denominator, base-2 scores)."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    b, tq, h, _ = q.shape
+    tk = k.size(1)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    win, consts = _constants(q, k, causal, window)
+    _launch(
+        "fwd", config, lambda bm, bn: (triton.cdiv(tq, bm), b * h),
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        h, tq, tk, win, scale * _LOG2E, **consts,
+    )
+    return o, lse
+
+
+def _attention_backward(do, q, k, v, o, lse, causal: bool, window: int | None, scale: float, config: str | None):
+    """dq, dk, dv (dk, dv summed over the query heads sharing each kv head)."""
+    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    b, tq, h, d = q.shape
+    tk, hkv = k.size(1), k.size(2)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    win, consts = _constants(q, k, causal, window)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(tq, _DELTA_BLOCK), b * h)](
+        o, do, delta, *_strides(o), *_strides(do), h, tq,
+        HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=_DELTA_BLOCK,
+    )
+    _launch(
+        "dkdv", config, lambda bm, bn: (triton.cdiv(tk, bn), b * hkv),
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        h, hkv, tq, tk, win, scale * _LOG2E, scale, **consts,
+    )
+    _launch(
+        "dq", config, lambda bm, bn: (triton.cdiv(tq, bm), b * h),
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        h, tq, tk, win, scale * _LOG2E, scale, **consts,
+    )
+    return dq, dk, dv
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, scale, config):
+        o, lse = _attention_forward(q, k, v, causal, window, scale, config)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (causal, window, scale, config)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def _use_kernel(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Resolve impl; float64, heads over 128 or no keys run the reference unless impl="triton", which raises."""
+    if resolve_impl(impl, q, k, v, available=_TRITON_AVAILABLE) == "torch":
+        return False
+    if q.dtype not in _KERNEL_DTYPES:
+        why = f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))} inputs, got {q.dtype}"
+        if impl == "triton":
+            raise TypeError(why)
+        return False
+    if not 1 <= q.size(3) <= _MAX_HEAD_DIM:
+        if impl == "triton":
+            raise ValueError(f"the Triton kernel takes 1 <= head_dim <= {_MAX_HEAD_DIM}, got {q.size(3)}")
+        return False
+    if k.size(1) == 0 and q.size(1) > 0:
+        if impl == "triton":
+            raise ValueError("attention needs at least one key")
+        return False
+    return True
 
 
 def attention_mask(tq: int, tk: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -61,6 +240,7 @@ def flash_attention(
     scale: float | None = None,
     *,
     impl: str = "auto",
+    config: str | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention, causal with an optional sliding window, GQA-aware.
 
@@ -68,6 +248,11 @@ def flash_attention(
     the last Tq positions, as in cached decoding). All three share one floating dtype and device.
     window: None (unlimited) or an int >= 0, only with causal=True. scale: None means 1/sqrt(D).
     Returns (B, Tq, H, D) in q's dtype. Differentiable.
+    impl: "auto" runs the Triton kernel on CUDA (and under TRITON_INTERPRET=1) for float32/bfloat16/float16
+    and head_dim <= 128, the reference otherwise; "torch" / "triton" force one. The kernel accepts any
+    batch/time/head strides (no transposes or copies of the model's views).
+    config: a name from ATTENTION_CONFIGS pinning the kernels' tiles; None autotunes on CUDA and uses
+    INTERPRETER_CONFIG on CPU. Ignored by the reference.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
@@ -95,5 +280,10 @@ def flash_attention(
             raise ValueError("a sliding window requires causal=True")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
-    resolve_impl(impl, q, k, v, available=_TRITON_AVAILABLE)
+    _check_config(config)
+    if _use_kernel(impl, q, k, v):
+        sm_scale = 1.0 / math.sqrt(q.size(3)) if scale is None else float(scale)
+        if config is None and not q.is_cuda:
+            config = INTERPRETER_CONFIG
+        return _FlashAttention.apply(q, k, v, causal, window, sm_scale, config)
     return flash_attention_ref(q, k, v, causal, window, scale)

@@ -1,11 +1,31 @@
-"""flash_attention / flash_attention_ref against attention written query by query in float64."""
+"""flash_attention / flash_attention_ref against attention written query by query in float64, and the Triton
+flash-attention kernel against the reference.
 
+Under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) impl="auto" runs the kernel for float32 and
+bfloat16 CPU inputs and the reference for float64, so the first tests below check both. The kernel tests
+pin a tile config and compare float32 results with the float64 reference; with TRITON_INTERPRET=0 on a
+machine with a GPU they run compiled on CUDA tensors instead.
+"""
+
+import functools
+import inspect
 import math
+import os
 
 import pytest
 import torch
 
+import kernels.attention as attention
 from kernels import flash_attention, flash_attention_ref
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes gain nothing from intra-op threads, and on a shared machine spinning threads cost seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _rand(*shape, seed=0):
@@ -128,3 +148,228 @@ def test_attention_bad_inputs():
         flash_attention(q.long(), k.long(), v.long())
     with pytest.raises(ValueError, match="same device"):
         flash_attention(q, k, v.to("meta"))
+
+
+# ---- the Triton kernel against the reference ----------------------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+OUT_TOL = 2e-5  # float32 kernel vs float64 reference, absolute and relative, outputs
+GRAD_TOL = 1e-4  # gradients: relative, and absolute relative to max(|gradient|, 1)
+
+
+def _qkv(b, tq, tk, h, hkv, d, seed, dtype=torch.float32, mag=1.5):
+    q = (_rand(b, tq, h, d, seed=seed) * mag).to(device=DEVICE, dtype=dtype).requires_grad_()
+    k = (_rand(b, tk, hkv, d, seed=seed + 1) * mag).to(device=DEVICE, dtype=dtype).requires_grad_()
+    v = _rand(b, tk, hkv, d, seed=seed + 2).to(device=DEVICE, dtype=dtype).requires_grad_()
+    return q, k, v
+
+
+def _ref_with_grads(q, k, v, dy, **kw):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    y = flash_attention_ref(q64, k64, v64, **kw)
+    return (y, *torch.autograd.grad(y, (q64, k64, v64), dy.double()))
+
+
+def _assert_matches(got, want):
+    y, *grads = got
+    y_ref, *grads_ref = want
+    for t in got:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(y.double(), y_ref, rtol=OUT_TOL, atol=OUT_TOL)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), r, rtol=GRAD_TOL, atol=GRAD_TOL * max(r.abs().max().item(), 1.0))
+
+
+KERNEL_CASES = [  # (B, Tq, Tk, H, Hkv, D, window, causal, config)
+    (1, 300, 300, 4, 2, 16, 64, True, "h128_i64_w8_s3"),  # the three tile phases along a long sequence
+    (1, 130, 130, 4, 2, 16, None, True, "h64_i32_w4_s4"),  # full causal, ragged last tiles
+    (1, 97, 97, 2, 2, 32, 7, True, "h16_i16_w4_s1"),  # many small tiles, H == Hkv
+    (1, 70, 70, 2, 1, 16, 64, True, "h16_i16_w4_s1"),
+    (2, 61, 61, 2, 1, 16, 1, True, "h64_i64_w4_s3"),  # most rows of the edge tiles fully masked
+    (1, 45, 45, 2, 2, 16, 0, True, "h128_i128_w8_s2"),
+    (1, 40, 40, 2, 1, 128, 7, True, "h64_i32_w4_s4"),  # the model's head_dim
+    (1, 50, 50, 2, 2, 64, None, True, "h128_i32_w4_s3"),
+    (1, 33, 33, 2, 1, 24, 3, True, "h64_i32_w4_s4"),  # head_dim padded to 32
+    (1, 37, 100, 4, 2, 16, 7, True, "h16_i16_w4_s1"),  # queries are the last Tq positions
+    (1, 1, 77, 4, 1, 32, None, True, "h64_i32_w4_s4"),  # one-token decode
+    (1, 40, 23, 4, 1, 32, None, False, "h16_i16_w4_s1"),  # non-causal, Tq > Tk
+    (1, 1, 1, 2, 1, 16, None, True, "h16_i16_w4_s1"),
+]
+
+
+@pytest.mark.parametrize("b,tq,tk,h,hkv,d,window,causal,config", KERNEL_CASES)
+def test_kernel_matches_reference(b, tq, tk, h, hkv, d, window, causal, config):
+    q, k, v = _qkv(b, tq, tk, h, hkv, d, seed=tq + 7 * tk + d)
+    y = flash_attention(q, k, v, causal=causal, window=window, impl="triton", config=config)
+    assert y.shape == (b, tq, h, d) and y.dtype == q.dtype
+    dy = _rand(b, tq, h, d, seed=5).float().to(DEVICE)
+    got = (y, *torch.autograd.grad(y, (q, k, v), dy))
+    _assert_matches(got, _ref_with_grads(q, k, v, dy, causal=causal, window=window))
+
+
+def test_kernel_large_scores_stay_finite():
+    # Scores of several hundred: exp2 of anything but (score - running max) would overflow.
+    q, k, v = _qkv(1, 40, 40, 2, 1, 32, seed=11, mag=6.0)
+    dy = _rand(1, 40, 2, 32, seed=12).float().to(DEVICE)
+    for window in (None, 5):
+        y = flash_attention(q, k, v, window=window, impl="triton", config="h16_i16_w4_s1")
+        got = (y, *torch.autograd.grad(y, (q, k, v), dy))
+        _assert_matches(got, _ref_with_grads(q, k, v, dy, window=window))
+
+
+def test_kernel_single_visible_key_is_exact():
+    # Window 0 leaves each row only its own key, and row 0 of any causal attention sees only key 0: the
+    # softmax weight is exactly 1, so the output is v itself and dV is the summed dO of the group's heads.
+    q, k, v = _qkv(2, 30, 30, 4, 2, 16, seed=3)
+    dy = _rand(2, 30, 4, 16, seed=4).float().to(DEVICE)
+    y = flash_attention(q, k, v, window=0, impl="triton", config="h16_i16_w4_s1")
+    (dv,) = torch.autograd.grad(y, (v,), dy)
+    assert torch.equal(y, v.detach().repeat_interleave(2, dim=2))
+    assert torch.equal(dv, dy.view(2, 30, 2, 2, 16).sum(3))
+    for window in (None, 7):
+        y = flash_attention(q, k, v, window=window, impl="triton", config="h64_i32_w4_s4")
+        assert torch.equal(y[:, 0], v.detach()[:, 0].repeat_interleave(2, dim=1))
+
+
+def test_kernel_strided_views():
+    # q, k, v sliced out of one fused projection, and q from a (B, H, T, D) transpose: no copies needed.
+    b, t, h, hkv, d = 2, 21, 4, 2, 16
+    fused = _rand(b, t, h + 2 * hkv, d, seed=21).float().to(DEVICE).requires_grad_()
+    q, k, v = fused[:, :, :h], fused[:, :, h:h + hkv], fused[:, :, h + hkv:]
+    qt = _rand(b, h, t, d, seed=22).float().to(DEVICE).transpose(1, 2).requires_grad_()
+    wide = _rand(b, t, hkv, 2 * d, seed=23).float().to(DEVICE)[..., ::2].requires_grad_()  # D stride 2: copied
+    dy = _rand(b, t, h, d, seed=24).float().to(DEVICE)
+    for qq, kk, vv in ((q, k, v), (qt, k, v), (qt, wide, v)):
+        assert not (qq.is_contiguous() and kk.is_contiguous())
+        y = flash_attention(qq, kk, vv, window=7, impl="triton", config="h64_i32_w4_s4")
+        got = (y, *torch.autograd.grad(y, (qq, kk, vv), dy))
+        dense = [t_.detach().contiguous().requires_grad_() for t_ in (qq, kk, vv)]
+        y2 = flash_attention(*dense, window=7, impl="triton", config="h64_i32_w4_s4")
+        want = (y2, *torch.autograd.grad(y2, dense, dy))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("config", ["h16_i16_w4_s1", "h128_i64_w8_s3"])
+def test_kernel_never_reads_tiles_outside_the_window(config):
+    # Keys [0, 256) lie more than `window` behind every query, so no tile of them may be loaded, in either
+    # pass: they hold NaN, which any load (even one masked afterwards) would spread into o, dq or dk/dv.
+    tq, tk, window = 20, 300, 7
+    q, k, v = _qkv(1, tq, tk, 4, 2, 16, seed=31)
+    kp, vp = k.detach().clone(), v.detach().clone()
+    kp[:, :256], vp[:, :256] = float("nan"), float("nan")
+    kp.requires_grad_()
+    vp.requires_grad_()
+    dy = _rand(1, tq, 4, 16, seed=32).float().to(DEVICE)
+    y = flash_attention(q, kp, vp, window=window, impl="triton", config=config)
+    dq, dk, dv = torch.autograd.grad(y, (q, kp, vp), dy)
+    assert torch.equal(dk[:, :256], torch.zeros_like(dk[:, :256])) and torch.equal(dv[:, :256], dk[:, :256])
+    want = _ref_with_grads(q, k, v, dy, window=window)
+    _assert_matches((y, dq, dk[:, 256:], dv[:, 256:]), (want[0], want[1], want[2][:, 256:], want[3][:, 256:]))
+
+
+def test_kernel_autotuned_path(monkeypatch):
+    # config=None on CUDA autotunes over every named config. The interpreter cannot time kernels, so there the
+    # tuner is handed a constant timer: each config is still launched once and the first one is kept.
+    b, t, h, hkv, d = 1, 20, 2, 1, 16
+    if DEVICE == "cpu":
+        for kind in ("fwd", "dq", "dkdv"):
+            monkeypatch.setattr(attention._autotuned(kind), "_do_bench", lambda fn, quantiles: (fn(), [1.0] * 3)[1])
+    q, k, v = _qkv(b, t, t, h, hkv, d, seed=41)
+    dy = _rand(b, t, h, d, seed=42).float().to(DEVICE)
+    y, lse = attention._attention_forward(q, k, v, True, 5, 1 / math.sqrt(d), None)
+    grads = attention._attention_backward(dy, q, k, v, y, lse, True, 5, 1 / math.sqrt(d), None)
+    _assert_matches((y, *grads), _ref_with_grads(q, k, v, dy, window=5))
+    tuner = attention._autotuned("fwd")
+    assert len(tuner.configs) == len(attention.ATTENTION_CONFIGS)
+    keys = len(tuner.cache)
+    attention._attention_forward(q[:, 1:], k[:, 1:], v[:, 1:], True, 5, 0.25, None)  # same size bucket
+    assert len(tuner.cache) == keys
+
+
+def test_auto_runs_the_kernel(monkeypatch):
+    calls = []
+    forward = attention._attention_forward
+    monkeypatch.setattr(attention, "_attention_forward", lambda *a: calls.append(a[0].dtype) or forward(*a))
+    q, k, v = _qkv(1, 9, 9, 2, 1, 16, seed=51)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    flash_attention(q, k, v, window=3)
+    flash_attention(q.double(), k.double(), v.double(), window=3)  # no float64 kernel: the reference
+    flash_attention(q, k, v, window=3, impl="torch")
+    assert calls == [torch.float32]
+
+
+def test_kernel_bad_inputs():
+    q, k, v = _qkv(1, 4, 4, 2, 1, 16, seed=61)
+    with pytest.raises(TypeError, match="takes torch.float32"):
+        flash_attention(q.double(), k.double(), v.double(), impl="triton")
+    with pytest.raises(ValueError, match="head_dim <= 128"):
+        flash_attention(*(torch.randn(1, 4, 2, 256, device=DEVICE) for _ in range(3)), impl="triton")
+    with pytest.raises(ValueError, match="config must be"):
+        flash_attention(q, k, v, impl="triton", config="h100_i7")
+    with pytest.raises(ValueError, match="at least one key"):
+        flash_attention(q, k[:, :0], v[:, :0], causal=False, impl="triton")
+    y = flash_attention(q[:, :0], k, v, impl="triton")  # no queries: an empty result
+    assert y.shape == (1, 0, 2, 16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot is only meaningful compiled on a GPU")
+@pytest.mark.parametrize("window", [None, 128])
+def test_kernel_bf16_on_gpu(window):
+    q, k, v = _qkv(2, 512, 512, 6, 2, 128, seed=71, dtype=torch.bfloat16)
+    dy = _rand(2, 512, 6, 128, seed=72).to(DEVICE, torch.bfloat16)
+    y = flash_attention(q, k, v, window=window, impl="triton")
+    got = (y, *torch.autograd.grad(y, (q, k, v), dy))
+    want = _ref_with_grads(q, k, v, dy, window=window)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2 * max(w.abs().max().item(), 1.0))
+
+
+def test_tiny_model_trains_like_reference(monkeypatch):
+    # Three MuonAdamW steps of a 2-layer GQA model (windows 7 and full) with impl="triton", whose attention
+    # resolves "auto" to the kernel here, against impl="torch". Every other op is held on its reference so the
+    # comparison isolates attention (each op's kernel has its own tests). Step 0 has c_proj = 0, so the
+    # attention backward first matters at step 1: its gradients are compared, and every step's loss.
+    import kernels
+    from engine.gpt import GPTConfig, build_model
+    from train.optim import MuonAdamW, build_param_groups
+
+    for name in kernels.__all__:
+        op = getattr(kernels, name)
+        if name != "flash_attention" and callable(op) and "impl" in inspect.signature(op).parameters:
+            monkeypatch.setattr(kernels, name, functools.partial(_force_reference, op))
+    calls = []
+    kernel_forward = attention._attention_forward
+    monkeypatch.setattr(attention, "_attention_forward", lambda *a: calls.append(a[4]) or kernel_forward(*a))
+    cfg = GPTConfig.from_depth(2, n_embd=256, n_head=2, n_kv_head=1, vocab_size=128, sequence_len=32,
+                               window_pattern="SL")
+    idx = torch.randint(0, 128, (3, 2, 33), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def train(impl):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=DEVICE, impl=impl, compute_dtype=torch.float32)
+        model.windows = [7, 32]  # at T=32 the S window (a multiple of 128) would not cut anything
+        opt = MuonAdamW(build_param_groups(model, 0.008, 0.3, 0.02, 0.5, 0.1), ns_dtype=torch.float32)
+        losses, grads = [], {}
+        for step in range(3):
+            loss = model(idx[step, :, :-1], idx[step, :, 1:])
+            loss.backward()
+            if step == 1:
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, grads
+
+    losses_ref, grads_ref = train("torch")
+    assert calls == []
+    losses, grads = train("triton")
+    assert calls == [7, 32] * 3
+    assert losses == pytest.approx(losses_ref, rel=1e-5)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-4 * g.abs().max().item() + 1e-7, msg=name)
+
+
+def _force_reference(op, *args, impl="auto", **kwargs):
+    return op(*args, impl="torch", **kwargs)
