@@ -8,13 +8,36 @@ from kernels.cross_entropy import (
     softcap_cross_entropy,
     softcap_cross_entropy_ref,
 )
+from kernels.gram import gram, gram_ref, sym_update, sym_update_ref
 from kernels.mlp import relu2_mlp, relu2_mlp_ref
+from kernels.muon import (
+    adamw_step_,
+    adamw_step_ref,
+    muon_post,
+    muon_post_ref,
+    muon_pre,
+    muon_pre_ref,
+    muon_step_,
+    muon_step_ref,
+)
 from kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append, paged_kv_append_ref
 from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 from kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 
 __all__ = [
+    "adamw_step_",
+    "adamw_step_ref",
+    "gram",
+    "gram_ref",
+    "muon_post",
+    "muon_post_ref",
+    "muon_pre",
+    "muon_pre_ref",
+    "muon_step_",
+    "muon_step_ref",
+    "sym_update",
+    "sym_update_ref",
     "POLAR_EXPRESS_COEFFS",
     "apply_rope",
     "apply_rope_ref",

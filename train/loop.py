@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             torch.distributed.broadcast(t, src=0)
     opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
                                        plan.matrix_weight_decay, plan.lr_scale),
-                    rank=info.rank, world_size=info.world_size)
+                    impl="auto" if impl == "triton" else "torch", rank=info.rank, world_size=info.world_size)
     step, loader_state, loop_state = 0, None, {"total_time": 0.0, "smooth_loss": None}
     if cfg.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(run_dir, cfg.resume_from_step, device=device,

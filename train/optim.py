@@ -8,17 +8,10 @@ state_dict is the standard torch one and resumes exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 import kernels
-
-
-def _frob(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each matrix of a (K, m, n) stack, shape (K, 1, 1), fp32."""
-    return x.float().square().sum(dim=(-2, -1), keepdim=True).sqrt()
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -33,7 +26,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
                  rank: int = 0, world_size: int = 1) -> None:
-        """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere)."""
+        """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere).
+        impl: "torch" runs the PyTorch reference math, "auto" the fused Triton kernels on CUDA tensors."""
         for g in param_groups:
             if g.get("kind") not in ("adamw", "muon"):
                 raise ValueError(f"each param group needs kind 'adamw' or 'muon', got {g.get('kind')!r}")
@@ -135,8 +129,8 @@ class MuonAdamW(torch.optim.Optimizer):
                         params[j].copy_(full[r * per + j - lo])
 
     def _adamw(self, p: torch.Tensor, grad: torch.Tensor, group: dict, view: torch.Tensor | None = None) -> None:
-        """p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = lerp(v, g^2, 1-b2);
-        p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps). `view`: update this shard of p instead (in place)."""
+        """SPEC §6 AdamW (kernels.muon.adamw_step_: one fused launch on CUDA, its reference elsewhere).
+        `view`: update this contiguous shard of p instead (in place)."""
         target = p if view is None else view
         state = self.state[p]
         if not state:
@@ -144,53 +138,26 @@ class MuonAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(target, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(target, dtype=torch.float32)
         state["step"] += 1
-        t, (b1, b2), lr, wd, eps = state["step"], group["betas"], group["lr"], group["weight_decay"], group["eps"]
-        g = grad.float()
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.lerp_(g.square(), 1 - b2)
-        pf = target.float() * (1 - lr * wd)
-        denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-        pf.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-        target.copy_(pf)
+        kernels.adamw_step_(target, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                            group["lr"], *group["betas"], group["eps"], group["weight_decay"], impl=self.impl)
 
     def _muon(self, params: list[torch.Tensor], G: torch.Tensor, group: dict, write: bool = True) -> torch.Tensor:
-        """One Muon step (SPEC §6) for `params` with gradient stack G (K, m, n), fp32. Updates the params in
-        place (write=True) or returns the new (K, m, n) fp32 values."""
+        """One Muon step (SPEC §6: Nesterov, row equilibration, Polar Express, Muon+, NorMuon, cautious weight
+        decay; kernels.muon_step_) for `params` with gradient stack G (K, m, n). Updates the params in place
+        (write=True) or returns the new (K, m, n) fp32 values."""
         m, n = params[0].shape
-        lr, mu, beta2, wd = group["lr"], group["momentum"], group["beta2"], group["weight_decay"]
-        reduce_last = m >= n  # NorMuon reduces over the longer side
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                vshape = (m, 1) if reduce_last else (1, n)
+                vshape = (m, 1) if m >= n else (1, n)  # NorMuon reduces over the longer side
                 state["second_momentum_buffer"] = torch.zeros(vshape, dtype=torch.float32, device=p.device)
         buf = torch.stack([self.state[p]["momentum_buffer"] for p in params])
         buf2 = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
-        # 1. Nesterov momentum
-        buf.lerp_(G, 1 - mu)
-        G = G.lerp(buf, mu)
-        # 2. row equilibration: every row to the same norm, ||X||_F / sqrt(m)
-        ns_dtype = self.ns_dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
-        target = _frob(G) / math.sqrt(m)
-        G = G * (target / G.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        X = G.to(ns_dtype)
-        # 3. orthogonalize (normalization by 1.01*||X||_F + 1e-6 happens inside)
-        X = kernels.polar_express(X, steps=group["ns_steps"], impl=self.impl).float()
-        # 4. Muon+: Frobenius norm sqrt(min(m, n))
-        X = X * (math.sqrt(min(m, n)) / _frob(X).clamp_min(1e-12))
-        # 5. NorMuon: per-row (or per-column) second moment, norm-preserving rescale
-        v = X.square().mean(dim=-1 if reduce_last else -2, keepdim=True)
-        buf2.lerp_(v, 1 - beta2)
-        scale = buf2.clamp_min(1e-10).rsqrt()
-        Xs = X * scale
-        X = Xs * (_frob(X) / _frob(Xs).clamp_min(1e-12))
-        # 6. cautious weight decay and the update
-        lr_eff = lr * math.sqrt(max(1.0, m / n))
         P = torch.stack([p.float() for p in params])
-        mask = (X * P) >= 0
-        P -= lr_eff * X + lr_eff * wd * P * mask
+        kernels.muon_step_(G.contiguous(), P, buf, buf2, lr=group["lr"], mu=group["momentum"], beta2=group["beta2"],
+                           wd=group["weight_decay"], ns_steps=group["ns_steps"], ns_dtype=self.ns_dtype,
+                           impl=self.impl)
         for i, p in enumerate(params):
             if write:
                 p.copy_(P[i])

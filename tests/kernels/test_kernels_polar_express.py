@@ -1,9 +1,12 @@
-"""polar_express / polar_express_ref against the Polar-Express loop written out in float64."""
+"""polar_express / polar_express_ref against the Polar-Express loop written out in float64.
+
+Under the test settings (TRITON_INTERPRET=1) impl="auto" runs the Triton path for fp32/fp16/bf16 inputs, so the
+tests below that do not name an impl check the kernels too; fp64 inputs always take the reference."""
 
 import pytest
 import torch
 
-from kernels import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
+from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 
 # The five (a, b, c) triples, typed in again from the specification so a slip in the module shows up here.
 SPEC_COEFFS = [
@@ -77,12 +80,13 @@ def test_stack_equals_per_matrix():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_singular_values_near_one(shape, dtype):
     g = (_rand(*shape, seed=4) * 3.0).to(dtype)
-    s = torch.linalg.svdvals(polar_express(g).float())
+    y = polar_express(g)
+    s = torch.linalg.svdvals(y.float())
     assert s.min() > 0.7 and s.max() < 1.2, (s.min().item(), s.max().item())
     # and the singular vectors are kept: the result is close to the exact polar factor U V^T
     u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     exact = u @ vh
-    assert (polar_express(g).double() - exact).norm() / exact.norm() < 0.2
+    assert (y.double() - exact).norm() / exact.norm() < 0.2
 
 
 def test_polar_express_bad_inputs():
@@ -96,3 +100,56 @@ def test_polar_express_bad_inputs():
         polar_express(_rand(6))
     with pytest.raises(TypeError, match="floating"):
         polar_express(torch.ones(4, 6, dtype=torch.int64))
+
+
+# The Triton path (gram + sym_update + baddbmm) against the reference run in float64. (K, m, n): K from 1..8,
+# odd m and n, wide (m <= n) and tall (m > n, run on the transposed view), one tile and several (m or n > 32).
+# test_polar_express_matches_math above runs the same path (impl="auto") on six more shapes.
+TRITON_SHAPES = [(8, 5, 17), (2, 70, 9), (5, 33, 47), (6, 11, 3)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_matches_reference(shape):
+    g = _rand(*shape, seed=sum(shape)).float()
+    y = polar_express(g, impl="triton")
+    assert y.shape == g.shape and y.dtype == torch.float32 and y.is_contiguous()
+    # fp32 through five iterations whose coefficients reach 22: relative errors ~3e-6 are seen; 1e-4 is the bound.
+    assert _rel(y, polar_express_ref(g.double())) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 45, 17), (2, 17, 45)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 1e-2)])
+def test_triton_half_precision(shape, dtype, tol):
+    """16-bit storage between the products, fp32 accumulation inside them. The first iteration (b = -22, c = 16)
+    amplifies rounding: in bf16 (eps 7.8e-3) both this path and the eager reference land near 5% relative error
+    (fp16: ~0.3%), so the check is a bound plus "not clearly worse than the eager reference in that dtype"."""
+    g = _rand(*shape, seed=9).to(dtype)
+    y = polar_express(g, impl="triton")
+    assert y.dtype == dtype
+    exact = polar_express_ref(g.double())
+    assert _rel(y, exact) < tol
+    assert _rel(y, exact) < 1.5 * _rel(polar_express_ref(g), exact)
+
+
+def test_triton_steps_strides_and_2d():
+    g = _rand(3, 30, 19, seed=10).float()
+    for steps in (0, 2):
+        assert _rel(polar_express(g, steps, impl="triton"), polar_express_ref(g.double(), steps)) < 1e-5
+    view = g.mT  # non-contiguous (3, 19, 30): copied, then run wide
+    assert _rel(polar_express(view, impl="triton"), polar_express_ref(view.double())) < 1e-4
+    assert _rel(polar_express(g[0], impl="triton"), polar_express_ref(g[0].double())) < 1e-4
+
+
+def test_triton_dispatch_rules():
+    g = _rand(2, 9, 13, seed=11).float()
+    with pytest.raises(TypeError, match="supports"):
+        polar_express(g.double(), impl="triton")
+    with pytest.raises(TypeError, match="backward"):
+        polar_express(g.clone().requires_grad_(), impl="triton")
+    gg = g.clone().requires_grad_()  # auto with a gradient needed: the differentiable reference
+    polar_express(gg, 2).sum().backward()
+    assert gg.grad is not None and torch.isfinite(gg.grad).all()
