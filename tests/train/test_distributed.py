@@ -94,7 +94,8 @@ def test_two_ranks_match_one_process(workspace, full_run):
         model.zero_grad(set_to_none=True)
         saved = torch.load(run_dir / f"model_{step + 1:06d}.pt", weights_only=True)
         for name, p in model.state_dict().items():
-            torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step + 1}: {name} {m}")
+            torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, s=step + 1, n=name: f"step {s}: {n} {m}")
     # optimizer state is sharded: each rank holds about half of the single-process state
     single = state_numel(copy.deepcopy(opt.state_dict()))
     shards = [state_numel(torch.load(run_dir / f"optim_000004_rank{r}.pt", weights_only=True)) for r in range(2)]
