@@ -158,6 +158,7 @@ class GPT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.config, self.impl = config, impl
+        self.check_ids = True  # validate token ids in forward (see _check_idx)
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * HEAD_DIM
         self.transformer = nn.ModuleDict(
@@ -258,7 +259,9 @@ class GPT(nn.Module):
             raise ValueError(f"token ids must have shape (B, T), got {tuple(idx.shape)}")
         if idx.size(1) > self.rotary_seq_len:
             raise ValueError(f"sequence of {idx.size(1)} tokens exceeds the rotary cache ({self.rotary_seq_len})")
-        if idx.numel():
+        # The range check reads the ids on the host: free on CPU, one sync on CUDA, skipped under torch.compile
+        # and when the caller vouches for its ids (`check_ids=False`, e.g. the trainer's own tokenizer output).
+        if idx.numel() and self.check_ids and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi

@@ -174,6 +174,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     torch.manual_seed(cfg.seed)
 
     model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype)
+    # Batches come from this tokenizer, whose ids are < vocab_size: skip the per-forward host sync on CUDA.
+    model.check_ids = device.type != "cuda"
     if info.enabled:  # identical starting weights on every rank
         for t in model.state_dict().values():
             torch.distributed.broadcast(t, src=0)
