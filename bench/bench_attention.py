@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_ms, tflops, write_result
+from bench.common import bench_ms, cpu_ms, rel_err, tflops, write_result
 from kernels.attention import attention_mask, flash_attention, flash_attention_ref
 
 BF16_TOL = 2e-2  # ||out - ref|| / ||ref|| allowed for bf16 inputs against the fp32 reference, per tensor
@@ -53,18 +52,8 @@ def visible_pairs(t: int, window: int | None) -> int:
     return (w + 1) * (w + 2) // 2 + (t - w - 1) * (w + 1)  # rows 0..w see i + 1 keys, later rows w + 1
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _sdpa(mask=None, causal=False, backend=None):
@@ -130,7 +119,7 @@ def check_correctness(h: int, hkv: int, d: int, windows, dtype, device) -> dict:
         ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
         y_ref = flash_attention_ref(*ref_leaves, window=window)
         want = (y_ref, *torch.autograd.grad(y_ref, ref_leaves, dy.float()))
-        errs = {name: _rel_err(g_, w_) for name, g_, w_ in zip(("y", "dq", "dk", "dv"), got, want)}
+        errs = {name: rel_err(g_, w_) for name, g_, w_ in zip(("y", "dq", "dk", "dv"), got, want)}
         errs["ok"] = all(e <= BF16_TOL for e in errs.values())
         report[_label(window)] = errs
     return report
@@ -153,7 +142,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.dry_run:
-        device, dtype, timer = torch.device("cpu"), torch.float32, _cpu_ms
+        device, dtype, timer = torch.device("cpu"), torch.float32, cpu_ms
         b, t, h, hkv, d = 1, 80, 4, 2, 16
         windows = [16, None]
     else:

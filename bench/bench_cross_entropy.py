@@ -24,28 +24,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
-from bench.common import bench_ms, load_liger, tflops, write_result
+from bench.common import bench_ms, cpu_ms, load_liger, rel_err, tflops, write_result
 
 SOFTCAP, IGNORE = 15.0, -1
 TOL = {"loss": 2e-3, "dx": 2e-2, "dw": 2e-2}  # ||got - ref|| / ||ref||, bf16 operands, vs the same-input eager ref
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _inputs(n, c, vp, vocab, dtype, device, seed=0):
@@ -113,7 +102,7 @@ def _check(variants, n, c, vp, vocab, dtype, device) -> dict:
     for name, fn in variants.items():
         loss = fn(x, w, t, vocab=vocab)
         dx, dw = torch.autograd.grad(loss, (x, w))
-        out[name] = {"loss": _rel_err(loss, ref), "dx": _rel_err(dx, ref_dx), "dw": _rel_err(dw, ref_dw)}
+        out[name] = {"loss": rel_err(loss, ref), "dx": rel_err(dx, ref_dx), "dw": rel_err(dw, ref_dw)}
         if name == "triton":
             up = torch.randn(n, device=device)
             per = fn(x, w, t, reduction="none", vocab=vocab)
@@ -122,8 +111,8 @@ def _check(variants, n, c, vp, vocab, dtype, device) -> dict:
             rx, rw = torch.autograd.grad(per_ref, (x, w), up)
             with torch.no_grad():
                 ev = fn(x, w, t, reduction="none", vocab=vocab)
-            out["triton none"] = {"loss": _rel_err(per, per_ref), "dx": _rel_err(gx, rx), "dw": _rel_err(gw, rw),
-                                  "no_grad": _rel_err(ev, per_ref)}
+            out["triton none"] = {"loss": rel_err(per, per_ref), "dx": rel_err(gx, rx), "dw": rel_err(gw, rw),
+                                  "no_grad": rel_err(ev, per_ref)}
             out[name]["padding_grad_zero"] = bool((dw[vocab:] == 0).all())
         print(f"check {name:12s} " + " ".join(f"{k}={v:.2e}" for k, v in out[name].items() if k != "padding_grad_zero"))
     print("check triton none  " + " ".join(f"{k}={v:.2e}" for k, v in out["triton none"].items()))
@@ -192,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # interpreter: fp32 matmuls
     ns, c, v = ([int(s) for s in args.ns.split(",")], args.c, args.v) if cuda else ([40], 32, 128)
-    timer = bench_ms if cuda else _cpu_ms
+    timer = bench_ms if cuda else cpu_ms
     variants, notes = _variants(cuda, cuda and not args.no_compile)
     checks = _check(variants, 1823 if cuda else 37, c, v, v - 68 if cuda else v - 28, dtype, device)
     variants["cublas"] = None  # timed through _cublas_steps

@@ -33,25 +33,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_ms, gbps, write_result
+from bench.common import bench_ms, cpu_ms, gbps, rel_err, write_result
 
 BF16_TOL = 1e-2  # ||out - ref|| / ||ref|| allowed for bf16 against the fp32 reference
 KERNEL_TARGET = {"shape": (32, 2048), "vs": "gather_sdpa", "speedup": 2.0, "frac_copy": 0.8}
 ENGINE_TARGET = {"shape": (32, 2048), "speedup": 2.0}
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +88,7 @@ def _check_kernel(paged_attention, paged_attention_ref, dtype, device) -> float:
         ql = torch.tensor(q_lens, device=device, dtype=torch.int32)
         out = paged_attention(q, kp, vp, bt, sl, ql, window=window, num_splits=splits, impl="triton")
         ref = paged_attention_ref(q.float(), kp.float(), vp.float(), bt, sl, ql, window=window)
-        worst = max(worst, _rel_err(out, ref))
+        worst = max(worst, rel_err(out, ref))
     return worst
 
 
@@ -127,7 +117,7 @@ def _kernel_rows(args, device, dtype, timer, copy_gbps):
             q, kp, vp, bt, sl = _paged_case(B, [T] * B, H, Hkv, D, args.page_size, dtype, device, seed=B + T)
             variants = _kernel_variants(paged_attention, compiled, q, kp, vp, bt, sl, T)
             ref = variants["dense_sdpa"]()
-            err = _rel_err(variants["triton"](), ref)
+            err = rel_err(variants["triton"](), ref)
             if err >= BF16_TOL:
                 raise RuntimeError(f"paged kernel wrong at B={B}, T={T}: rel err {err:.2e}")
             kv_bytes = 2 * B * T * Hkv * D * kp.element_size()
@@ -294,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.context, args.heads, args.no_compile = [1, 3], [40, 70], [4, 2, 16], True
         args.engine_batch, args.engine_context, args.steps, args.warmup = [2], [20], 2, 1
         args.model_impl = "torch"
-        device, dtype, timer = torch.device("cpu"), torch.float32, _cpu_ms
+        device, dtype, timer = torch.device("cpu"), torch.float32, cpu_ms
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         timer = lambda fn: bench_ms(fn, rep=args.rep)  # noqa: E731

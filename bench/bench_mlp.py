@@ -24,27 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
-from bench.common import bench_ms, load_liger, tflops, write_result
+from bench.common import bench_ms, cpu_ms, load_liger, rel_err, tflops, write_result
 
 BF16_TOL = 2e-2  # ||out - ref|| / ||ref|| allowed for bf16 operands against the fp32 reference
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _liger_relu2(liger):
@@ -69,7 +58,7 @@ def _check(name, fn, x, w_fc, w_proj, dy, ref) -> dict:
     """Relative errors of y, dx, dW_fc, dW_proj against the fp32 reference `ref` (a dict of the same)."""
     y = fn(x, w_fc, w_proj)
     grads = torch.autograd.grad(y, (x, w_fc, w_proj), dy)
-    errs = {k: _rel_err(v, ref[k]) for k, v in zip(("y", "dx", "dw_fc", "dw_proj"), (y, *grads))}
+    errs = {k: rel_err(v, ref[k]) for k, v in zip(("y", "dx", "dw_fc", "dw_proj"), (y, *grads))}
     print(f"check {name:8s} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
     return errs
 
@@ -140,7 +129,7 @@ def _gemm_rows(n, c, dtype, device, timer, all_configs: bool) -> list[dict]:
             except Exception as e:  # a pinned config this GPU, this Triton or this shape cannot run: say so
                 rows.append({"c": c, "case": case, "impl": label, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            err = _rel_err(out, wants[extra["epilogue"]])
+            err = rel_err(out, wants[extra["epilogue"]])
             ms = timer(call)
             rows.append({"c": c, "case": case, "impl": label, "ms": ms, "tflops": tflops(flops, ms),
                          "vs_cublas": base_ms / ms, "rel_err": err})
@@ -167,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # interpreter: no bf16 dot
     n, widths = (args.n, [int(w) for w in args.widths.split(",")]) if cuda else (48, [64])
-    timer = bench_ms if cuda else _cpu_ms
+    timer = bench_ms if cuda else cpu_ms
     variants = {"triton": lambda x, w_fc, w_proj: relu2_mlp(x, w_fc, w_proj, impl="triton"), "eager": relu2_mlp_ref}
     if cuda and not args.no_compile:
         variants["compile"] = torch.compile(relu2_mlp_ref, mode="max-autotune", dynamic=False)

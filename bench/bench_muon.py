@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
-from bench.common import bench_ms, tflops, write_result
+from bench.common import bench_ms, cpu_ms, tflops, write_result
 
 MUON_HP = dict(lr=0.02, mu=0.95, beta2=0.9, wd=0.2)
 ADAMW_HP = dict(lr=0.004, beta1=0.8, beta2=0.995, eps=1e-10, wd=0.01)
@@ -54,13 +53,6 @@ def _flops(K: int, m: int, n: int, steps: int = 5) -> dict:
     return {"gram": 2 * K * s * s * lng, "sym": 2 * K * s**3, "pe": steps * (4 * K * s * s * lng + 2 * K * s**3)}
 
 
-def _cpu_ms(fn, reps: int = 1) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     ns_dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter has no bf16 dot
     stacks, adamw_shapes = model_shapes(args.depth) if cuda else model_shapes(1, width=64, vocab=256)
-    timer = bench_ms if cuda else _cpu_ms
+    timer = bench_ms if cuda else cpu_ms
     checks = {} if args.no_check else _check(stacks, device, ns_dtype)
     use_compile = cuda and not args.no_compile
     comp = (lambda f: torch.compile(f, dynamic=False)) if use_compile else None

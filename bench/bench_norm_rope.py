@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
-from bench.common import bench_ms, gbps, load_liger, write_result
+from bench.common import bench_ms, cpu_ms, gbps, load_liger, rel_err, write_result
 
 BF16_TOL = 1e-2  # ||out - ref|| / ||ref|| allowed for bf16 inputs against the fp32 reference
 TARGETS = {  # KERNELS.md: triton must be this many times faster (fwd+bwd), and reach 85% of copy bandwidth
@@ -42,18 +41,8 @@ TARGETS = {  # KERNELS.md: triton must be this many times faster (fwd+bwd), and 
 }
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _cpu_ms(fn, reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _tables(t: int, d: int, device, offset: int = 0):
@@ -186,7 +175,7 @@ def _check(ops, device, dtype, small: bool = False) -> dict:
         dys = [torch.randn(o.shape, generator=gen, device=device).to(o.dtype) for o in out]
         g_ours = torch.autograd.grad(out, mine, dys)
         g_ref = torch.autograd.grad(want, gold, [d.float() for d in dys])
-        worst = max(_rel_err(o, w) for o, w in zip(out + g_ours, want + g_ref))
+        worst = max(rel_err(o, w) for o, w in zip(out + g_ours, want + g_ref))
         errs[name] = worst
         print(f"check {name:20s} max rel err {worst:.2e} ({'ok' if worst < BF16_TOL else 'FAIL'})")
     return errs
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
         args.rows, args.width, args.rope_shape = [37], 96, [2, 5, 4, 2, 16]
         args.no_compile = True
-        device, dtype, timer = torch.device("cpu"), torch.float32, _cpu_ms
+        device, dtype, timer = torch.device("cpu"), torch.float32, cpu_ms
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
         timer = lambda fn: bench_ms(fn, rep=args.rep)  # noqa: E731

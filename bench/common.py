@@ -87,6 +87,24 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def cpu_ms(fn, reps: int = 3) -> float:
+    """Median wall milliseconds of `fn()` over `reps` calls: the CPU (--dry-run) stand-in for bench_ms."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in fp32."""
+    ref = ref.float()
+    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
