@@ -254,6 +254,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         return n > 0 and s % n == 0
 
     fail_at = _fail_injection(info)
+    tok_label = "tok/s/rank" if info.enabled else "tok/s"
     start_step, N = step, plan.num_iterations
     while True:
         last = step == N
@@ -299,7 +300,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         if every(cfg.log_every, done) or done == N or step == start_step:
             eta_s = _format_eta(eta) if math.isfinite(eta) else "-"
             say(f"step {done:05d}/{N:05d} ({100 * done / N:5.1f}%) | loss {loss:.4f} | lrm {lrm:.3f} | "
-                f"dt {dt * 1000:.0f}ms | tok/s/rank {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")
+                f"dt {dt * 1000:.0f}ms | {tok_label} {tok_s:,.0f} | mfu {mfu} | eta {eta_s}")
         log({"step": done, "loss": loss, "lrm": lrm, "dt": dt, "tok_per_s_per_rank": tok_s,
              "mfu": None if not peak else plan.flops_per_token * tok_s / peak})
         step = done
