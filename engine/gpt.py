@@ -158,7 +158,7 @@ class GPT(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.config, self.impl = config, impl
-        self.check_ids = True  # validate token ids in forward (see _check_idx)
+        self.check_ids = True  # validate token ids and targets in forward (see _check_idx)
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * HEAD_DIM
         self.transformer = nn.ModuleDict(
@@ -311,7 +311,7 @@ class GPT(nn.Module):
                 raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
             return kernels.linear_softcap_cross_entropy(
                 x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
-                reduction=loss_reduction, vocab_size=V, impl=_op_impl(impl),
+                reduction=loss_reduction, vocab_size=V, impl=_op_impl(impl), check_targets=self.check_ids,
             )
         logits = self.lm_head(x)[..., :V].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -261,6 +261,7 @@ def _check_ce_args(
     softcap: float | None,
     ignore_index: int,
     reduction: str,
+    check_targets: bool = True,
 ) -> None:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -276,6 +277,8 @@ def _check_ce_args(
         raise ValueError(f"softcap must be None, 0 (disabled) or positive, got {softcap!r}")
     if vocab < 1:
         raise ValueError("the vocabulary (last dim of the logits) must be non-empty")
+    if not check_targets or torch.compiler.is_compiling():
+        return
     # One host sync: an out-of-range target would otherwise be a device-side assert or silent garbage.
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
@@ -305,6 +308,7 @@ def softcap_cross_entropy(
     reduction: str = "mean",
     *,
     impl: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of softcapped logits, computed in fp32 (float64 for float64 logits).
 
@@ -312,9 +316,11 @@ def softcap_cross_entropy(
     targets: (...) integer, in [0, V) or ``ignore_index``. softcap: None or 0 disables the cap.
     reduction: "mean" over non-ignored targets (0.0 when all are ignored), "sum", or "none" (fp32, targets'
     shape, 0 at ignored positions). Differentiable in logits; the gradient has the logits' dtype.
+    check_targets: verify every target is in range (one host sync on CUDA); pass False only for targets
+    known to be valid (e.g. a training loop's own tokens).
     """
     check_tensor("logits", logits, min_ndim=1)
-    _check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction)
+    _check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction, check_targets)
     check_same_device(logits=logits, targets=targets)
     if not _use_kernel(impl, logits, targets):
         return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
@@ -335,6 +341,7 @@ def linear_softcap_cross_entropy(
     vocab_size: int | None = None,
     *,
     impl: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """The lm_head projection fused with softcapped cross-entropy.
 
@@ -353,7 +360,8 @@ def linear_softcap_cross_entropy(
     if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= weight.size(0)):
         raise ValueError(f"vocab_size must be None or an int in [1, {weight.size(0)}], got {vocab_size!r}")
     vocab = weight.size(0) if vocab_size is None else vocab_size
-    _check_ce_args(torch.Size((*x.shape[:-1], vocab)), vocab, targets, softcap, ignore_index, reduction)
+    _check_ce_args(torch.Size((*x.shape[:-1], vocab)), vocab, targets, softcap, ignore_index, reduction,
+                   check_targets)
     if not _use_kernel(impl, x, weight, targets):
         return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size)
     from kernels.linear_cross_entropy import fused_linear_softcap_ce  # the chunked driver shares this kernel

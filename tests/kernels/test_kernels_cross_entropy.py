@@ -392,3 +392,14 @@ def test_tiny_model_trains_like_reference(monkeypatch):
     ref, got = torch.tensor(curves["torch"]), torch.tensor(curves["triton"])
     assert (ref[0] - ref[-1]).abs() > 0.5, curves  # the steps move the loss, so the comparison means something
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+
+def test_check_targets_false_skips_the_range_check():
+    """check_targets=True (the default) rejects an out-of-range target; False trusts the caller (no host sync)."""
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(5))
+    bad = torch.tensor([0, 9, 1])
+    with pytest.raises(ValueError, match="targets must lie in"):
+        softcap_cross_entropy(logits, bad, impl="torch")
+    good = torch.tensor([0, 6, 1])
+    torch.testing.assert_close(softcap_cross_entropy(logits, good, impl="torch", check_targets=False),
+                               softcap_cross_entropy(logits, good, impl="torch"))
