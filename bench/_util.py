@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 from pathlib import Path
 
 # ---- the GPT-2 bar (SPEC §12): the reference speedrun's published figures, not measurements of ours ----------
@@ -17,13 +16,6 @@ RECORD_GPUS = 8
 RECORD_TOK_S_PER_GPU = 122.9e3
 RECORD_CORE = 0.256525  # GPT-2 (1.5B) on DCLM CORE
 RECORD_LABEL = "nanochat reference: d24, ratio 8, fp8 matmuls, 8xH100, March 2026"
-
-
-def rel_err(got, ref) -> float:
-    """||got - ref|| / ||ref|| in fp32 (NaN or inf in got gives inf)."""
-    g, r = got.detach().float(), ref.detach().float()
-    err = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
-    return err if math.isfinite(err) else math.inf
 
 
 def sync(device) -> None:

@@ -100,9 +100,12 @@ def cpu_ms(fn, reps: int = 3) -> float:
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / ||ref|| in fp32."""
-    ref = ref.float()
-    return ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    """||got - ref|| / ||ref|| in fp32 (NaN or inf in got gives inf)."""
+    import math
+
+    g, r = got.detach().float(), ref.detach().float()
+    err = ((g - r).norm() / r.norm().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf
 
 
 def gbps(nbytes: float, ms: float) -> float:

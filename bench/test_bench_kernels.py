@@ -33,8 +33,8 @@ from bench._util import (
     liger_rope_qk_norm,
     liger_softcap_ce,
     optional_attr,
-    rel_err,
 )
+from bench.common import rel_err
 
 FP32_TOL = 1e-3  # smoke (fp32, interpreter): every implementation against the eager reference
 BF16_TOL = 2e-2

@@ -316,26 +316,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., :V].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
-    @torch.no_grad()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int = 42):
-        """Naive sampling without a KV cache (recomputes the prefix each step); yields token ids."""
-        device = self.lm_head.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self(ids[:, -self.rotary_seq_len:])[:, -1, :]
-            if temperature <= 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=rng)
-            ids = torch.cat([ids, nxt], dim=1)
-            yield int(nxt)
-
 
 def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,
                 init: bool = True) -> GPT:

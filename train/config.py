@@ -106,8 +106,7 @@ def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -
     model_config = model_config_for(cfg, vocab_size)
     model = _meta_model(model_config)  # shapes only, nothing allocated
     P = model.num_params()["scaling"]
-    ref_kw = {} if cfg.n_kv_head <= 0 else {"n_kv_head": -1}
-    ref_cfg = TrainConfig(**{**asdict(cfg), "depth": REF_DEPTH, **ref_kw})
+    ref_cfg = TrainConfig(**{**asdict(cfg), "depth": REF_DEPTH, "n_kv_head": -1})  # the reference d12, MHA
     P_ref = _meta_model(model_config_for(ref_cfg, vocab_size)).num_params()["scaling"]
     notes = []
     # Data horizon: a fixed ratio of tokens to scaling parameters (transformer blocks + lm_head).

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
+from engine.engine import Engine, SamplingParams
 from engine.gpt import GPT, build_model
 from engine.paths import get_base_dir
 from engine.tokenizer import Tokenizer, load_token_bytes
@@ -119,15 +120,12 @@ def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor,
 
 @torch.no_grad()
 def sample(model: GPT, tokenizer: Tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 32, seed: int = 42) -> list[str]:
-    out = []
+    """Continue each prompt (one batched run of the inference engine); stops at <|bos|>."""
+    engine = Engine(model, tokenizer, max_batch_size=len(prompts), impl="torch" if model.impl == "torch" else "auto")
     bos = tokenizer.get_bos_token_id()
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend=bos)
-        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.7, top_k=40, seed=seed))
-        if bos in gen:
-            gen = gen[: gen.index(bos)]
-        out.append(prompt + tokenizer.decode(gen))
-    return out
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.7, top_k=40, seed=seed)
+    gens = engine.generate([tokenizer.encode(p, prepend=bos) for p in prompts], params)
+    return [p + g.text for p, g in zip(prompts, gens)]
 
 
 def _format_eta(seconds: float) -> str:
