@@ -190,9 +190,9 @@ def main(argv=None) -> int:
                     other["triton_speedup_fwd_bwd"] = other["fwd_bwd_ms"] / mine["fwd_bwd_ms"]
 
     if device.type == "cuda":
-        from kernels import attention
+        from kernels import tuned_configs
 
-        tuned = {kind: str(getattr(attention._autotuned(kind), "best_config", None)) for kind in ("fwd", "dq", "dkdv")}
+        tuned = {str(key): name for key, name in tuned_configs().items() if key[0] == "attention"}
         payload = {"shape": {"B": b, "T": t, "H": h, "Hkv": hkv, "D": d, "dtype": str(dtype)},
                    "flops_formula": "fwd = 4*B*H*D*pairs, pairs = sum_i (min(i, window) + 1); fwd+bwd = 3.5*fwd",
                    "peak_bf16_flops": PEAK_BF16, "targets": TARGETS, "correctness": correctness,

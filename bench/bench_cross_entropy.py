@@ -47,7 +47,7 @@ def _inputs(n, c, vp, vocab, dtype, device, seed=0):
 
 
 def _variants(cuda: bool, compile_ref: bool):
-    from kernels.cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
+    from kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
 
     def ours(x, w, t, reduction="mean", vocab=None):
         return linear_softcap_cross_entropy(x, w, t, SOFTCAP, IGNORE, reduction, vocab, impl="triton")
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 if cuda and other != "cublas" and ours["peak_mib"]:
                     ratios[f"N={n} {mode} memory triton/{other}"] = ours["peak_mib"] / theirs["peak_mib"]
     if cuda:
-        from kernels.linear_cross_entropy import _chunk_rows
+        from kernels.linear_cross_entropy import chunk_rows
 
         payload = {"dtype": str(dtype), "c": c, "v": v, "ns": ns, "softcap": SOFTCAP, "notes": notes,
-                   "chunk_rows": {n: _chunk_rows(n, v) for n in ns},
+                   "chunk_rows": {n: chunk_rows(n, v) for n in ns},
                    "flops": "fwd 2*N*V*C, fwd+bwd 6*N*V*C", "memory": "peak MiB above the pre-call allocation",
                    "checks": checks, "rows": rows, "ratios": ratios}
         print(f"wrote {write_result('cross_entropy', payload)}")

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
-    from kernels.matmul import tuned_configs
+    from kernels import tuned_configs
     from kernels.mlp import relu2_mlp, relu2_mlp_ref
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # interpreter: no bf16 dot
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         payload = {"dtype": str(dtype), "n": n, "widths": widths, "liger": liger is not None,
                    "flops": "fwd 4*N*C*Hd, fwd+bwd 12*N*C*Hd, one GEMM 2*N*C*Hd", "checks": checks, "mlp": rows,
-                   "gemm": gemms, "ratios": ratios, "tuned": {str(k): v for k, v in tuned_configs().items()}}
+                   "gemm": gemms, "ratios": ratios,
+                   "tuned": {str(k): v for k, v in tuned_configs().items() if k[0] == "gemm"}}
         print(f"wrote {write_result('mlp', payload)}")
     if liger is None:
         print("liger: liger_kernel.ops.relu_squared not importable here; no Liger row")

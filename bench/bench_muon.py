@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
-    from kernels.gram import _syrk, gram_ref
+    from kernels.gram import gram_ref, syrk
     from kernels.muon import adamw_step_, adamw_step_ref, muon_step_, muon_step_ref
     from kernels.polar_express import polar_express, polar_express_ref
 
@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         xw = (st.G.mT if m > n else st.G).to(ns_dtype)  # (K, s, l) view of the wide side
         s = xw.size(1)
         A, A2 = (torch.empty(K, s, s, device=device, dtype=ns_dtype) for _ in range(2))
-        record("gram", name, "triton", lambda: _syrk(xw, out=A), f["gram"])
+        record("gram", name, "triton", lambda: syrk(xw, out=A), f["gram"])
         record("gram", name, "cublas", lambda: gram_full(xw, A2), f["gram"])
         a = (gram_ref(xw.float()) / xw.size(2)).to(ns_dtype)
-        record("sym", name, "triton", lambda: _syrk(a, 0.5, a, -2.8, out=A), f["sym"])
+        record("sym", name, "triton", lambda: syrk(a, 0.5, a, -2.8, out=A), f["sym"])
         record("sym", name, "cublas", lambda: sym_full(a, A2), f["sym"])
         g = st.G.to(ns_dtype)
         record("polar_express", name, "triton", lambda: polar_express(g, impl="triton"), f["pe"])

@@ -45,10 +45,11 @@ def measure(variant: str, args, device) -> dict:
     Engine, SamplingParams = _engine_api()
     torch.manual_seed(0)
     config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size)
-    model = build_model(config, device=device, impl="triton" if variant == "triton" else "torch").eval()
+    impl = "triton" if variant == "triton" else "torch"
+    model = build_model(config, device=device, impl=impl).eval()
     engine = Engine(model, None, page_size=args.page_size, max_batch_size=args.batch,
                     max_seq_len=args.prompt_len + args.gen, prefill_chunk=args.prefill_chunk,
-                    impl="auto" if variant == "triton" else "torch")
+                    impl=impl)
     params = SamplingParams(max_tokens=args.gen, temperature=0.0, stop_tokens=[])
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()

@@ -5,7 +5,7 @@
     python -m bench.train_step --dry-run                  # CPU: depth 1, T=32, the same code path, nothing written
 
 Variants, all on the same initial weights and the same random tokens:
-    triton   engine.gpt.build_model(impl="triton") and MuonAdamW(impl="auto"): every Triton kernel that exists
+    triton   engine.gpt.build_model(impl="triton") and MuonAdamW(impl="triton"): every Triton kernel
     eager    the PyTorch reference model and optimizer (impl="torch")
     compile  torch.compile of the reference model (the optimizer step stays eager, as in the reference recipe)
 
@@ -110,10 +110,11 @@ def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: in
 
     torch.manual_seed(seed)
     cuda = device.type == "cuda"
-    model = build_model(config, device=device, impl="triton" if variant == "triton" else "torch")
+    impl = "triton" if variant == "triton" else "torch"
+    model = build_model(config, device=device, impl=impl)
     groups = build_param_groups(model, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, scalar_lr=0.5,
                                 matrix_weight_decay=0.28)
-    opt = MuonAdamW(groups, impl="auto" if variant == "triton" else "torch")
+    opt = MuonAdamW(groups, impl=impl)
     forward = torch.compile(model, backend=compile_backend) if variant == "compile" else model
     g = torch.Generator(device=device).manual_seed(seed + 1)
     rows = torch.randint(0, config.vocab_size, (accum, batch, config.sequence_len + 1), device=device, generator=g)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from engine.calculator import calculate
 from engine.gpt import HEAD_DIM
 from engine.kv_cache import OutOfPages, PagedKVCache, SequenceKV
+from kernels import resolve_impl
 
 
 @dataclass
@@ -152,8 +153,9 @@ class Engine:
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         if num_pages is None:
             num_pages = max_batch_size * -(-self.max_seq_len // page_size)
+        self.impl = resolve_impl(impl, self.device)  # once: "torch" or "triton" for the cache's attention
         self.cache = PagedKVCache(cfg.n_layer, num_pages, page_size, cfg.n_kv_head, HEAD_DIM,
-                                  dtype=model.compute_dtype, device=self.device, impl=impl)
+                                  dtype=model.compute_dtype, device=self.device, impl=self.impl)
         self.vocab_size = cfg.vocab_size
         self.special: dict[str, int] = {}
         self._special_ids: frozenset[int] = frozenset()

@@ -2,8 +2,9 @@
 
 Reads top to bottom: config, helpers, attention, MLP, block, GPT. The parameter names and
 shapes are the checkpoint contract (SPEC §2); the math is SPEC §3. Ops go through the public
-functions of `kernels`, which run the Triton kernels on CUDA when `impl="triton"` and the
-PyTorch references otherwise.
+functions of `kernels` with the model's `impl`, resolved once when the model is built
+(`build_model(impl="auto" | "torch" | "triton")`): "triton" runs every op's Triton kernel, "torch"
+the PyTorch references.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ VE_GATE_CHANNELS = 12  # leading channels of the attention input that drive the 
 SMEAR_CHANNELS = 24  # leading channels of the embedding that drive the smear gate
 SOFTCAP = 15.0
 ROPE_BASE = 100_000
-IMPLS = ("torch", "triton")
 
 
 @dataclass
@@ -82,12 +82,7 @@ def has_value_embed(layer_idx: int, n_layer: int) -> bool:
 
 
 def norm(x: torch.Tensor, impl: str = "torch") -> torch.Tensor:
-    return kernels.rms_norm(x, impl=_op_impl(impl))
-
-
-def _op_impl(impl: str) -> str:
-    # "triton" lets each op choose its kernel where one exists for the tensors' device.
-    return "auto" if impl == "triton" else "torch"
+    return kernels.rms_norm(x, impl=impl)
 
 
 class Linear(nn.Linear):
@@ -120,9 +115,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, HEAD_DIM)
-        q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=_op_impl(impl))
+        q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=impl)
         if cache is None:
-            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=_op_impl(impl))  # (B, T, H, D)
+            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=impl)  # (B, T, H, D)
         else:  # append this chunk's k, v to the cache's pages, then attend over each whole sequence
             y = cache.attend(self.layer_idx, q, k, v, window)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
@@ -135,7 +130,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
-        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, impl=_op_impl(impl))
+        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, impl=impl)
 
 
 class Block(nn.Module):
@@ -154,9 +149,10 @@ class GPT(nn.Module):
     """Build on the meta device, then `to_empty(device=...)` and `init_weights()` (see `build_model`)."""
 
     def __init__(self, config: GPTConfig, impl: str = "torch") -> None:
+        """impl: "torch" or "triton", already resolved for the device (`build_model` resolves "auto")."""
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"GPT takes impl='torch' or 'triton' (build_model resolves 'auto'), got {impl!r}")
         self.config, self.impl = config, impl
         self.check_ids = True  # validate token ids and targets in forward (see _check_idx)
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
@@ -297,7 +293,7 @@ class GPT(nn.Module):
         x0, x_mid = x, None
         for i, block in enumerate(self.transformer.h):
             # residual entry, fused: x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass
-            x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=_op_impl(impl))
+            x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=impl)
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
             if i == self.config.n_layer // 2:
@@ -311,7 +307,7 @@ class GPT(nn.Module):
                 raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
             return kernels.linear_softcap_cross_entropy(
                 x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
-                reduction=loss_reduction, vocab_size=V, impl=_op_impl(impl), check_targets=self.check_ids,
+                reduction=loss_reduction, vocab_size=V, impl=impl, check_targets=self.check_ids,
             )
         logits = self.lm_head(x)[..., :V].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
@@ -321,8 +317,10 @@ def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dt
                 init: bool = True) -> GPT:
     """Build on the meta device (no allocation), materialize on `device`, initialize.
 
-    compute_dtype defaults to bf16 on CUDA and fp32 elsewhere."""
+    impl: "auto" (Triton kernels where they run on `device`, see `kernels.resolve_impl`), "torch" or "triton";
+    resolved here, once. compute_dtype defaults to bf16 on CUDA and fp32 elsewhere."""
     device = torch.device(device)
+    impl = kernels.resolve_impl(impl, device)
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device("meta"):

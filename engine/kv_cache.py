@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.paged_attention import paged_attention, paged_kv_append
+from kernels import paged_attention, paged_kv_append, resolve_impl
 
 
 class OutOfPages(RuntimeError):
@@ -83,7 +83,7 @@ class PagedKVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", impl: str = "auto") -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
-        self.page_size, self.impl = page_size, impl
+        self.page_size, self.impl = page_size, resolve_impl(impl, device)
         shape = (n_layer, num_pages, page_size, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

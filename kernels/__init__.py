@@ -1,14 +1,11 @@
 """Fused ops, one file each: a public function (Triton on CUDA when a kernel exists) and its ``*_ref``."""
 
-from kernels._dispatch import resolve_impl
+from kernels._dispatch import IMPLS, resolve_impl
+from kernels._launch import tuned_configs
 from kernels.attention import flash_attention, flash_attention_ref
-from kernels.cross_entropy import (
-    linear_softcap_cross_entropy,
-    linear_softcap_cross_entropy_ref,
-    softcap_cross_entropy,
-    softcap_cross_entropy_ref,
-)
+from kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
 from kernels.gram import gram, gram_ref, sym_update, sym_update_ref
+from kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
 from kernels.mlp import relu2_mlp, relu2_mlp_ref
 from kernels.muon import (
     adamw_step_,
@@ -26,6 +23,7 @@ from kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref, rms_norm, rms_norm_
 from kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 
 __all__ = [
+    "IMPLS",
     "adamw_step_",
     "adamw_step_ref",
     "gram",
@@ -62,4 +60,5 @@ __all__ = [
     "rope_qk_norm_ref",
     "softcap_cross_entropy",
     "softcap_cross_entropy_ref",
+    "tuned_configs",
 ]

@@ -1,11 +1,18 @@
 """Choosing between a Triton kernel and its PyTorch reference, and the input checks every op shares.
 
-Every public op takes ``impl="auto" | "torch" | "triton"`` and asks ``resolve_impl`` which path to run.
-The environment is read when an op is called, never at import time.
+One vocabulary everywhere (ops, model, engine, optimizer, command lines): ``impl="auto" | "torch" | "triton"``.
+    "torch"   the PyTorch reference, always;
+    "triton"  the Triton kernel, or a clear error when it cannot take the inputs;
+    "auto"    the kernel when the tensors live where kernels run (CUDA, or CPU under ``TRITON_INTERPRET=1``,
+              the Triton interpreter) and the kernel takes the inputs; the reference otherwise.
+``resolve_impl`` turns "auto" into "torch" or "triton" for a device (the model, engine and trainer call it once,
+when they are built); ``use_kernel`` is the per-call decision every op makes. The environment is read when
+they are called, never at import time.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -13,42 +20,69 @@ import torch
 IMPLS = ("auto", "torch", "triton")
 
 
-def resolve_impl(impl: str, *tensors: torch.Tensor | None, available: bool) -> str:
-    """Return ``"torch"`` or ``"triton"`` for one call of an op.
-
-    impl: ``"auto"`` picks Triton when a kernel exists (``available``) and either every tensor is on CUDA or
-        ``TRITON_INTERPRET=1`` is set (the interpreter runs kernels on CPU tensors); otherwise the reference.
-        ``"torch"`` always picks the reference. ``"triton"`` picks the kernel and raises
-        ``NotImplementedError`` when there is none.
-    tensors: the op's tensor arguments (``None`` entries are skipped).
-    available: whether this op has a Triton kernel.
-    """
-    if impl not in IMPLS:
+def _check_impl(impl: object) -> None:
+    if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _kernel_device(device: torch.device) -> bool:
+    """Whether Triton kernels run on tensors of this device: CUDA, or the CPU under the Triton interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """``"torch"`` or ``"triton"``: what ``impl`` means for work on ``device``.
+
+    "auto" resolves to "triton" on CUDA (and on the CPU when ``TRITON_INTERPRET=1``), else to "torch";
+    "torch" and "triton" are returned as they are. Raises ValueError for any other name.
+    """
+    _check_impl(impl)
+    if impl != "auto":
+        return impl
+    return "triton" if _kernel_device(torch.device(device)) else "torch"
+
+
+def use_kernel(impl: str, *tensors: torch.Tensor | None, unsupported: Exception | None = None) -> bool:
+    """The one decision of an op call: True runs the Triton kernel, False the reference.
+
+    tensors: the op's tensor arguments (``None`` entries are skipped; the op has checked they share a device).
+    unsupported: None when the kernel takes these inputs, else the error that says why not (a TypeError for a
+        dtype, a ValueError for a size); impl="auto" then takes the reference and impl="triton" raises it.
+    impl="triton" on tensors where no kernel can run (a CPU tensor without the interpreter) raises ValueError.
+    """
+    _check_impl(impl)
     if impl == "torch":
-        return "torch"
-    if impl == "triton":
-        if not available:
-            raise NotImplementedError(
-                "impl='triton' was requested but this op has no Triton kernel yet; use impl='torch' or impl='auto'"
+        return False
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    if not _kernel_device(device):
+        if impl == "triton":
+            raise ValueError(
+                f"impl='triton' runs Triton kernels on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
+                f"the inputs are on {device}"
             )
-        return "triton"
-    if not available:
-        return "torch"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton"
-    present = [t for t in tensors if t is not None]
-    if present and all(t.is_cuda for t in present):
-        return "triton"
-    return "torch"
+        return False
+    if unsupported is not None:
+        if impl == "triton":
+            raise unsupported
+        return False
+    return True
+
+
+def dtype_error(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> TypeError | None:
+    """The TypeError that says a kernel does not take ``t``'s dtype, or None when it does."""
+    if t.dtype in dtypes:
+        return None
+    return TypeError(f"the Triton kernel takes {name} in {', '.join(map(str, dtypes))}, got {t.dtype}")
 
 
 def check_tensor(
     name: str, t: object, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int = 0, floating: bool = True
 ) -> torch.Tensor:
-    """Raise TypeError/ValueError unless ``t`` is a tensor of the expected rank and (floating) dtype."""
+    """Raise TypeError/ValueError unless ``t`` is a CPU or CUDA tensor of the expected rank and (floating) dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be a CPU or CUDA tensor, got a tensor on {t.device}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     if ndim is not None:
@@ -61,14 +95,19 @@ def check_tensor(
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    """Raise ValueError unless all named tensors live on one device."""
+    """Raise ValueError unless all named tensors live on one device, a CPU or CUDA one."""
     devices = {name: t.device for name, t in tensors.items()}
+    for name, dev in devices.items():
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} must be a CPU or CUDA tensor, got a tensor on {dev}")
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {listing}")
 
 
 def check_eps(eps: float | None) -> None:
-    """Raise ValueError unless ``eps`` is None or a non-negative number."""
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0):
-        raise ValueError(f"eps must be None or a non-negative float, got {eps!r}")
+    """Raise ValueError unless ``eps`` is None or a finite non-negative number."""
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0
+    ):
+        raise ValueError(f"eps must be None or a finite non-negative float, got {eps!r}")

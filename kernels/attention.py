@@ -8,35 +8,34 @@ FLOPs (forward): 4 x B x H x D x (number of visible (query, key) pairs); backwar
 matmuls per tile against two, the score matmul recomputed).
 
 The kernels live in kernels/flash_attention_kernels.py. Tile shapes come from ATTENTION_CONFIGS: on CUDA
-each kernel is autotuned over that list (keyed by power-of-two size buckets, so a growing sequence does
-not re-tune on every length); ``config="<name>"`` pins one entry, which is also what CPU tensors (the
-Triton interpreter) get by default.
+each kernel is autotuned over that list by ``kernels._launch.autotune`` (keyed by power-of-two size buckets,
+so a growing sequence does not re-tune on every length); ``config="<name>"`` pins one entry, which is also
+what CPU tensors (the Triton interpreter) get by default.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._launch import autotune, dot_meta, last_dim_contiguous
 from kernels.flash_attention_kernels import (
-    _attn_bwd_delta_kernel,
-    _attn_bwd_dkdv_kernel,
-    _attn_bwd_dq_kernel,
-    _attn_fwd_kernel,
+    attn_bwd_delta_kernel,
+    attn_bwd_dkdv_kernel,
+    attn_bwd_dq_kernel,
+    attn_fwd_kernel,
 )
 
-_TRITON_AVAILABLE = True
+__all__ = ["flash_attention", "flash_attention_ref", "ATTENTION_CONFIGS"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation inside
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _MAX_HEAD_DIM = 128  # larger heads run the reference under impl="auto"
 _LOG2E = 1.4426950408889634
 _DELTA_BLOCK = 64  # rows per program of the backward's delta = rowsum(dO * O)
+
 
 # name -> (held, iterated, num_warps, num_stages). "held" is the tile a program keeps in registers (query
 # rows in the forward and dQ kernels, keys in the dK/dV kernel); "iterated" is the tile its loop steps over.
@@ -48,12 +47,13 @@ ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "h64_i32_w4_s4": (64, 32, 4, 4),
     "h16_i16_w4_s1": (16, 16, 4, 1),  # short sequences and one-token decode; many tile boundaries in tests
 }
+
+
 INTERPRETER_CONFIG = "h64_i32_w4_s4"  # the CPU default: few, unequal tiles (the interpreter pays per tile)
-_TUNE_KEY = ["tune_tq", "tune_tk", "tune_w", "GROUP", "CAUSAL", "WINDOWED", "HEAD_DIM"]
 _KERNELS = {  # kind -> (kernel, whether the held tile is the query tile BLOCK_M)
-    "fwd": (_attn_fwd_kernel, True),
-    "dq": (_attn_bwd_dq_kernel, True),
-    "dkdv": (_attn_bwd_dkdv_kernel, False),
+    "fwd": (attn_fwd_kernel, True),
+    "dq": (attn_bwd_dq_kernel, True),
+    "dkdv": (attn_bwd_dkdv_kernel, False),
 }
 
 
@@ -62,28 +62,21 @@ def _blocks(name: str, held_is_m: bool) -> dict[str, int]:
     return {"BLOCK_M": held, "BLOCK_N": iterated} if held_is_m else {"BLOCK_M": iterated, "BLOCK_N": held}
 
 
-@functools.cache
-def _autotuned(kind: str):
-    """The autotuned wrapper of one kernel, built on first use (nothing is compiled or queried at import)."""
+def _launch(kind: str, config: str | None, key: tuple, grid, outputs: tuple, *args, **consts) -> None:
+    """Run kernel `kind` with the pinned config, or with the autotuned one for `key` when config is None.
+    grid(block_m, block_n) gives the launch grid; `outputs` are what the kernel writes (compared across configs
+    by the tuner)."""
     kernel, held_is_m = _KERNELS[kind]
-    configs = [
-        triton.Config(_blocks(name, held_is_m), num_warps=ATTENTION_CONFIGS[name][2],
-                      num_stages=ATTENTION_CONFIGS[name][3])
-        for name in ATTENTION_CONFIGS
-    ]
-    return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
 
+    def run(name: str) -> None:
+        blocks = _blocks(name, held_is_m)
+        _, _, num_warps, num_stages = ATTENTION_CONFIGS[name]
+        kernel[grid(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **consts, **blocks, num_warps=num_warps,
+                                                          num_stages=num_stages)
 
-def _launch(kind: str, config: str | None, grid, *args, **consts) -> None:
-    """Run kernel `kind` with the pinned config, or autotuned when config is None. grid(block_m, block_n)."""
-    kernel, held_is_m = _KERNELS[kind]
     if config is None:
-        _autotuned(kind)[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
-        return
-    blocks = _blocks(config, held_is_m)
-    _, _, num_warps, num_stages = ATTENTION_CONFIGS[config]
-    kernel[grid(blocks["BLOCK_M"], blocks["BLOCK_N"])](*args, **consts, **blocks, num_warps=num_warps,
-                                                      num_stages=num_stages)
+        config = autotune(("attention", kind, *key), list(ATTENTION_CONFIGS), run, outputs)
+    run(config)
 
 
 def _check_config(config: str | None) -> None:
@@ -91,38 +84,29 @@ def _check_config(config: str | None) -> None:
         raise ValueError(f"config must be None (autotune) or one of {sorted(ATTENTION_CONFIGS)}, got {config!r}")
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any batch/time/head strides but address D contiguously; the model's views qualify.
-    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
-
-
-def _constants(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | None) -> tuple[int, dict]:
-    """(window as an int, the kernels' shared constexprs and tuning buckets)."""
+def _constants(q: torch.Tensor, k: torch.Tensor, causal: bool, window: int | None) -> tuple[int, dict, tuple]:
+    """(window as an int, the kernels' shared constexprs, the autotuning key: size buckets and constexprs)."""
     tq, tk, h, hkv, d = q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)
     windowed = causal and window is not None and window < tk - 1  # a wider window masks nothing
-    upcast = q.device.type != "cuda"  # the interpreter (CPU tensors) gets fp32 dot operands: its bf16 dot is wrong
-    consts = dict(
-        tune_tq=triton.next_power_of_2(tq), tune_tk=triton.next_power_of_2(tk),
-        tune_w=triton.next_power_of_2(window + 1) if windowed else 0,
-        GROUP=h // hkv, CAUSAL=bool(causal), WINDOWED=windowed, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), DOT=tl.float32 if upcast else _TL_DTYPES[q.dtype],
-        PRECISION="ieee" if (q.dtype == torch.float32 or upcast) else "tf32",
-    )
-    return (window if windowed else 0), consts
+    consts = dict(GROUP=h // hkv, CAUSAL=bool(causal), WINDOWED=windowed, HEAD_DIM=d,
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), **dot_meta(q))
+    key = (q.device.index, q.dtype, triton.next_power_of_2(tq), triton.next_power_of_2(tk),
+           triton.next_power_of_2(window + 1) if windowed else 0, *consts.values())
+    return (window if windowed else 0), consts, key
 
 
 def _attention_forward(q, k, v, causal: bool, window: int | None, scale: float, config: str | None):
     """o (B, Tq, H, D) in q's dtype and lse2 (B, H, Tq) fp32 (log2 of the softmax denominator, base-2 scores)."""
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     b, tq, h, _ = q.shape
     tk = k.size(1)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    win, consts = _constants(q, k, causal, window)
+    win, consts, key = _constants(q, k, causal, window)
     _launch(
-        "fwd", config, lambda bm, bn: (triton.cdiv(tq, bm), b * h),
+        "fwd", config, key, lambda bm, bn: (triton.cdiv(tq, bm), b * h), (o, lse),
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         h, tq, tk, win, scale * _LOG2E, **consts,
     )
@@ -131,7 +115,7 @@ def _attention_forward(q, k, v, causal: bool, window: int | None, scale: float, 
 
 def _attention_backward(do, q, k, v, o, lse, causal: bool, window: int | None, scale: float, config: str | None):
     """dq, dk, dv (dk, dv summed over the query heads sharing each kv head)."""
-    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    do, q, k, v = (last_dim_contiguous(t) for t in (do, q, k, v))
     b, tq, h, d = q.shape
     tk, hkv = k.size(1), k.size(2)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -139,19 +123,19 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, window: int | None, s
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    win, consts = _constants(q, k, causal, window)
+    win, consts, key = _constants(q, k, causal, window)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(tq, _DELTA_BLOCK), b * h)](
+    attn_bwd_delta_kernel[(triton.cdiv(tq, _DELTA_BLOCK), b * h)](
         o, do, delta, *_strides(o), *_strides(do), h, tq,
         HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=_DELTA_BLOCK,
     )
     _launch(
-        "dkdv", config, lambda bm, bn: (triton.cdiv(tk, bn), b * hkv),
+        "dkdv", config, key, lambda bm, bn: (triton.cdiv(tk, bn), b * hkv), (dk, dv),
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         h, hkv, tq, tk, win, scale * _LOG2E, scale, **consts,
     )
     _launch(
-        "dq", config, lambda bm, bn: (triton.cdiv(tq, bm), b * h),
+        "dq", config, key, lambda bm, bn: (triton.cdiv(tq, bm), b * h), (dq,),
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         h, tq, tk, win, scale * _LOG2E, scale, **consts,
     )
@@ -160,6 +144,25 @@ def _attention_backward(do, q, k, v, o, lse, causal: bool, window: int | None, s
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _no_kernel_reason(q: torch.Tensor, k: torch.Tensor) -> Exception | None:
+    """Why the kernels cannot take these inputs (float64, heads over 128, no keys), or None."""
+    if not 1 <= q.size(3) <= _MAX_HEAD_DIM:
+        return ValueError(f"the Triton kernel takes q with 1 <= head_dim <= {_MAX_HEAD_DIM}, got {q.size(3)}")
+    if k.size(1) == 0 and q.size(1) > 0:
+        return ValueError("attention needs at least one key: k has Tk = 0")
+    return dtype_error("q", q, _KERNEL_DTYPES)
+
+
+def attention_mask(tq: int, tk: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where query i (at position Tk - Tq + i) may attend to key j."""
+    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    k_pos = torch.arange(tk, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= (q_pos - k_pos) <= window
+    return mask
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -175,60 +178,6 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_backward(do, q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None
-
-
-def _use_kernel(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Resolve impl; float64, heads over 128 or no keys run the reference unless impl="triton", which raises."""
-    if resolve_impl(impl, q, k, v, available=_TRITON_AVAILABLE) == "torch":
-        return False
-    if q.dtype not in _KERNEL_DTYPES:
-        why = f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))} inputs, got {q.dtype}"
-        if impl == "triton":
-            raise TypeError(why)
-        return False
-    if not 1 <= q.size(3) <= _MAX_HEAD_DIM:
-        if impl == "triton":
-            raise ValueError(f"the Triton kernel takes 1 <= head_dim <= {_MAX_HEAD_DIM}, got {q.size(3)}")
-        return False
-    if k.size(1) == 0 and q.size(1) > 0:
-        if impl == "triton":
-            raise ValueError("attention needs at least one key")
-        return False
-    return True
-
-
-def attention_mask(tq: int, tk: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean (Tq, Tk) mask, True where query i (at position Tk - Tq + i) may attend to key j."""
-    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
-    k_pos = torch.arange(tk, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= (q_pos - k_pos) <= window
-    return mask
-
-
-def flash_attention_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Plain-PyTorch attention through SDPA. q (B, Tq, H, D); k, v (B, Tk, Hkv, D). Returns (B, Tq, H, D)."""
-    tq, tk, h, hkv = q.size(1), k.size(1), q.size(2), k.size(2)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-    if h != hkv:
-        kt = kt.repeat_interleave(h // hkv, dim=1)
-        vt = vt.repeat_interleave(h // hkv, dim=1)
-    if not causal:
-        y = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-    elif tq == tk and (window is None or window >= tk - 1):
-        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        mask = attention_mask(tq, tk, window, device=q.device)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return y.transpose(1, 2)
 
 
 def flash_attention(
@@ -281,9 +230,33 @@ def flash_attention(
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     _check_config(config)
-    if _use_kernel(impl, q, k, v):
+    if use_kernel(impl, q, k, v, unsupported=_no_kernel_reason(q, k)):
         sm_scale = 1.0 / math.sqrt(q.size(3)) if scale is None else float(scale)
         if config is None and not q.is_cuda:
             config = INTERPRETER_CONFIG
         return _FlashAttention.apply(q, k, v, causal, window, sm_scale, config)
     return flash_attention_ref(q, k, v, causal, window, scale)
+
+
+def flash_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch attention through SDPA. q (B, Tq, H, D); k, v (B, Tk, Hkv, D). Returns (B, Tq, H, D)."""
+    tq, tk, h, hkv = q.size(1), k.size(1), q.size(2), k.size(2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+    if h != hkv:
+        kt = kt.repeat_interleave(h // hkv, dim=1)
+        vt = vt.repeat_interleave(h // hkv, dim=1)
+    if not causal:
+        y = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    elif tq == tk and (window is None or window >= tk - 1):
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        mask = attention_mask(tq, tk, window, device=q.device)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return y.transpose(1, 2)

@@ -1,9 +1,10 @@
-"""Softcapped cross-entropy, alone and fused with the lm_head projection.
+"""Softcapped cross-entropy over logits (the lm_head fused version is kernels/linear_cross_entropy.py).
 
 z = softcap * tanh(logits / softcap) in fp32, then cross-entropy against integer targets, positions whose
 target equals ``ignore_index`` contributing nothing. The mean divides by the number of counted targets
 (at least 1), so a fully ignored batch gives a loss of 0.0 and zero gradients instead of NaN.
-The references hold the N x V fp32 logits; the fused op (kernels/linear_cross_entropy.py) never does.
+The reference holds the N x V fp32 logits; the fused op (kernels/linear_cross_entropy.py) never does, and
+drives this file's row kernel through ``ce_rows``.
 
 One kernel does the per-row work. With lse = log(sum_j exp(z_j)) and p = exp(z - lse):
     loss = lse - z[target]
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._launch import as_rows, num_warps_for
 
-_TRITON_AVAILABLE = True
+__all__ = ["softcap_cross_entropy", "softcap_cross_entropy_ref"]
 REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel does fp32 math on these
 _MAX_BLOCK_V = 4096  # columns per step of the row loop: 16 fp32 registers per thread at 8 warps
@@ -117,7 +119,7 @@ def _softcap_ce_kernel(
             tl.store(g_row + idx, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
-def _ce_rows(
+def ce_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
     softcap: float | None,
@@ -155,12 +157,12 @@ def _ce_rows(
         logits.stride(0), logits.stride(0) if grad is None else grad.stride(0), v, ignore_index,
         float(softcap) if softcap else 1.0,
         HAS_SOFTCAP=bool(softcap), COMPUTE_GRAD=grad is not None, ROW_SCALE=row_scale, BLOCK_V=block,
-        num_warps=8 if block >= 2048 else 4,
+        num_warps=num_warps_for(block, lo=4, hi=8),
     )
     return losses
 
 
-def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, scale): counted targets (at least 1) and the per-row gradient scale of a "mean"/"sum" loss,
     both on the targets' device (no host sync)."""
     count = (targets != ignore_index).sum().clamp(min=1)
@@ -168,93 +170,13 @@ def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tup
     return count, scale.reshape(1)
 
 
-def _reduce(losses: torch.Tensor, count: torch.Tensor, shape: torch.Size, reduction: str) -> torch.Tensor:
+def reduce_losses(losses: torch.Tensor, count: torch.Tensor, shape: torch.Size, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return losses.view(shape)
     return losses.sum() if reduction == "sum" else losses.sum() / count
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (N, V) with unit column stride (a copy only when the last dim is strided)."""
-    t2 = t.reshape(-1, t.size(-1))
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-class _SoftcapCE(torch.autograd.Function):
-    """"mean"/"sum": the gradient is computed with the loss and scaled by the upstream scalar in backward.
-    "none": the forward computes losses only; backward re-reads the logits with the per-row upstream grads."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, softcap, ignore_index, reduction):
-        z, t = _rows(logits), targets.reshape(-1).contiguous()
-        ctx.meta = (logits.shape, softcap, ignore_index, reduction)
-        if reduction == "none":
-            ctx.save_for_backward(z, t)
-            return _ce_rows(z, t, softcap, ignore_index).view(targets.shape)
-        count, scale = _mean_scale(t, ignore_index, reduction)
-        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # contiguous, whatever z's row stride
-        losses = _ce_rows(z, t, softcap, ignore_index, grad=grad, scale=scale)
-        ctx.save_for_backward(grad)
-        return _reduce(losses, count, targets.shape, reduction)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dloss):
-        shape, softcap, ignore_index, reduction = ctx.meta
-        if reduction == "none":
-            z, t = ctx.saved_tensors
-            grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-            _ce_rows(z, t, softcap, ignore_index, grad=grad, scale=dloss.reshape(-1).float().contiguous(),
-                     row_scale=True)
-        else:
-            (grad,) = ctx.saved_tensors
-            grad = grad * dloss
-        return grad.view(shape), None, None, None, None
-
-
-def softcap_cross_entropy_ref(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None = 15.0,
-    ignore_index: int = -1,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Plain-PyTorch softcapped cross-entropy. logits (..., V) any float dtype; targets (...) integer.
-
-    Returns a scalar ("mean", "sum") or losses shaped like targets ("none", 0 where ignored), in fp32
-    (float64 when the logits are float64).
-    """
-    # fp32 for bf16/fp16/fp32 logits; float64 stays float64 (useful for gradcheck).
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1))
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    flat = targets.reshape(-1)
-    losses = F.cross_entropy(z, flat, ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return losses.reshape(targets.shape)
-    if reduction == "sum":
-        return losses.sum()
-    count = (flat != ignore_index).sum().clamp(min=1)
-    return losses.sum() / count
-
-
-def linear_softcap_cross_entropy_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float | None = 15.0,
-    ignore_index: int = -1,
-    reduction: str = "mean",
-    vocab_size: int | None = None,
-) -> torch.Tensor:
-    """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...)."""
-    logits = F.linear(x, weight.to(x.dtype))
-    if vocab_size is not None:
-        logits = logits[..., :vocab_size]
-    return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
-
-
-def _check_ce_args(
+def check_ce_args(
     logits_shape: torch.Size,
     vocab: int,
     targets: torch.Tensor,
@@ -289,15 +211,36 @@ def _check_ce_args(
         )
 
 
-def _use_kernel(impl: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Resolve impl; float64 (the kernels compute in fp32) runs the reference unless impl="triton" insists."""
-    if resolve_impl(impl, x, *tensors, available=_TRITON_AVAILABLE) == "torch":
-        return False
-    if x.dtype in _KERNEL_DTYPES:
-        return True
-    if impl == "triton":
-        raise TypeError(f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))} inputs, got {x.dtype}")
-    return False
+class _SoftcapCE(torch.autograd.Function):
+    """"mean"/"sum": the gradient is computed with the loss and scaled by the upstream scalar in backward.
+    "none": the forward computes losses only; backward re-reads the logits with the per-row upstream grads."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, softcap, ignore_index, reduction):
+        z, t = as_rows(logits), targets.reshape(-1).contiguous()
+        ctx.meta = (logits.shape, softcap, ignore_index, reduction)
+        if reduction == "none":
+            ctx.save_for_backward(z, t)
+            return ce_rows(z, t, softcap, ignore_index).view(targets.shape)
+        count, scale = mean_scale(t, ignore_index, reduction)
+        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # contiguous, whatever z's row stride
+        losses = ce_rows(z, t, softcap, ignore_index, grad=grad, scale=scale)
+        ctx.save_for_backward(grad)
+        return reduce_losses(losses, count, targets.shape, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        shape, softcap, ignore_index, reduction = ctx.meta
+        if reduction == "none":
+            z, t = ctx.saved_tensors
+            grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+            ce_rows(z, t, softcap, ignore_index, grad=grad, scale=dloss.reshape(-1).float().contiguous(),
+                     row_scale=True)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = grad * dloss
+        return grad.view(shape), None, None, None, None
 
 
 def softcap_cross_entropy(
@@ -320,50 +263,38 @@ def softcap_cross_entropy(
     known to be valid (e.g. a training loop's own tokens).
     """
     check_tensor("logits", logits, min_ndim=1)
-    _check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction, check_targets)
+    check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction, check_targets)
     check_same_device(logits=logits, targets=targets)
-    if not _use_kernel(impl, logits, targets):
+    if not use_kernel(impl, logits, targets, unsupported=dtype_error("logits", logits, _KERNEL_DTYPES)):
         return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _SoftcapCE.apply(logits, targets, softcap, ignore_index, reduction)
     t = targets.reshape(-1).contiguous()
-    count, _ = _mean_scale(t, ignore_index, reduction)
-    return _reduce(_ce_rows(_rows(logits), t, softcap, ignore_index), count, targets.shape, reduction)
+    count, _ = mean_scale(t, ignore_index, reduction)
+    return reduce_losses(ce_rows(as_rows(logits), t, softcap, ignore_index), count, targets.shape, reduction)
 
 
-def linear_softcap_cross_entropy(
-    x: torch.Tensor,
-    weight: torch.Tensor,
+def softcap_cross_entropy_ref(
+    logits: torch.Tensor,
     targets: torch.Tensor,
     softcap: float | None = 15.0,
     ignore_index: int = -1,
     reduction: str = "mean",
-    vocab_size: int | None = None,
-    *,
-    impl: str = "auto",
-    check_targets: bool = True,
 ) -> torch.Tensor:
-    """The lm_head projection fused with softcapped cross-entropy.
+    """Plain-PyTorch softcapped cross-entropy. logits (..., V) any float dtype; targets (...) integer.
 
-    x: (..., C) floating (bf16 on GPU; the kernel path takes fp32/bf16/fp16, float64 runs the reference).
-    weight: (Vp, C), cast to x's dtype (fp32 master allowed). targets: (...) integer. vocab_size: keep only
-    the first vocab_size logits (rows of weight beyond it are padding, never reach the loss and get a zero
-    gradient); None keeps all Vp. Other arguments as in ``softcap_cross_entropy``. Returns fp32 (float64 for
-    float64 x). Differentiable in x and weight. The kernel path never holds more than one chunk of logits
-    (see kernels/linear_cross_entropy.py) and, without autograd, computes no gradient.
+    Returns a scalar ("mean", "sum") or losses shaped like targets ("none", 0 where ignored), in fp32
+    (float64 when the logits are float64).
     """
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("weight", weight, ndim=2)
-    check_same_device(x=x, weight=weight, targets=targets)
-    if weight.size(1) != x.size(-1):
-        raise ValueError(f"weight must have shape (V, C) with C = x.size(-1) = {x.size(-1)}, got {tuple(weight.shape)}")
-    if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= weight.size(0)):
-        raise ValueError(f"vocab_size must be None or an int in [1, {weight.size(0)}], got {vocab_size!r}")
-    vocab = weight.size(0) if vocab_size is None else vocab_size
-    _check_ce_args(torch.Size((*x.shape[:-1], vocab)), vocab, targets, softcap, ignore_index, reduction,
-                   check_targets)
-    if not _use_kernel(impl, x, weight, targets):
-        return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size)
-    from kernels.linear_cross_entropy import fused_linear_softcap_ce  # the chunked driver shares this kernel
-
-    return fused_linear_softcap_ce(x, weight, targets, softcap, ignore_index, reduction, vocab)
+    # fp32 for bf16/fp16/fp32 logits; float64 stays float64 (useful for gradcheck).
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1))
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    flat = targets.reshape(-1).long()  # F.cross_entropy takes int64 class ids only
+    losses = F.cross_entropy(z, flat, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses.reshape(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    count = (flat != ignore_index).sum().clamp(min=1)
+    return losses.sum() / count

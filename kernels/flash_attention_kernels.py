@@ -14,6 +14,7 @@ Each program walks its loop axis in three phases, [lo, s1) masked (the window's 
 every pair visible (no mask), [s2, hi) masked (the diagonal and ragged ends); lo and hi come from the window,
 so tiles entirely outside it are never loaded and a window-w layer costs O(T * w), not O(T^2). The loops are
 written out in each kernel rather than shared through helpers: the interpreter pays for every nested call.
+The launchers, the configs and the autotuning live in kernels/attention.py.
 Bytes moved, forward: q read once, k and v read once per query tile that sees them, o written once.
 """
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels._launch import dot, dot_acc
 
 
 @triton.jit
@@ -48,7 +51,7 @@ def _key_range(m0, Tk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLO
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     Q, K, V, Out, LSE,  # q (B, Tq, H, D), k/v (B, Tk, Hkv, D), out o like q, out lse2 (B, H, Tq) fp32
     stride_qb, stride_qt, stride_qh,  # strides of q (the D stride is 1)
     stride_kb, stride_kt, stride_kh,  # strides of k
@@ -57,7 +60,6 @@ def _attn_fwd_kernel(
     H, Tq, Tk,  # query heads, query length, key length (queries are the last Tq positions)
     window,  # visible distance p - j <= window when WINDOWED
     qk_scale,  # softmax scale * log2(e)
-    tune_tq, tune_tk, tune_w,  # size buckets: autotuning key only
     GROUP: tl.constexpr,  # query heads per kv head
     CAUSAL: tl.constexpr,  # mask keys after the query's position
     WINDOWED: tl.constexpr,  # also mask keys further than window behind
@@ -65,8 +67,8 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    DOT: tl.constexpr,  # dtype of tl.dot operands: the input dtype, fp32 in the interpreter
-    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tq, BLOCK_M), B * H). Reads q once and the visible k/v tiles (BLOCK_N x D each per step);
     # writes o and lse2 once. Online softmax: m = running max, l = running sum of exp2(s - m).
@@ -109,7 +111,7 @@ def _attn_fwd_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            s = dot(q, tl.trans(k), DOT_FP32, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             if phase != 1:
                 ok = cols[None, :] < Tk
                 if CAUSAL:
@@ -125,7 +127,7 @@ def _attn_fwd_kernel(
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype).to(DOT), v.to(DOT), acc * alpha[:, None], input_precision=PRECISION)
+            acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, DOT_PRECISION)
             m_i = m_new
     # Every real row sees at least its own key, so l_i > 0 there; padding rows are never stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -136,7 +138,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(
+def attn_bwd_delta_kernel(
     Out, DO, DELTA,  # o (B, Tq, H, D), do like o (any strides), out delta (B, H, Tq) fp32
     stride_ob, stride_ot, stride_oh,  # strides of o
     stride_dob, stride_dot, stride_doh,  # strides of do
@@ -162,7 +164,7 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
+def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, k, v, do as in forward; lse2, delta (B, H, Tq); out dk, dv like k
     stride_qb, stride_qt, stride_qh,  # strides of q
     stride_kb, stride_kt, stride_kh,  # strides of k
@@ -173,7 +175,6 @@ def _attn_bwd_dkdv_kernel(
     window,  # visible distance when WINDOWED
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
-    tune_tq, tune_tk, tune_w,  # size buckets: autotuning key only
     GROUP: tl.constexpr,  # query heads per kv head, all reduced into one dK/dV
     CAUSAL: tl.constexpr,  # mask keys after the query's position
     WINDOWED: tl.constexpr,  # also mask keys further than window behind
@@ -181,8 +182,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # keys per program
-    DOT: tl.constexpr,  # dtype of tl.dot operands: the input dtype, fp32 in the interpreter
-    PRECISION: tl.constexpr,  # tl.dot input precision
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tk, BLOCK_N), B * Hkv). Holds one k/v tile; for each of the GROUP query heads reads the
     # q/do tiles (BLOCK_M x D each per step) whose rows can see it; writes dk, dv once (no atomics).
@@ -254,7 +255,7 @@ def _attn_bwd_dkdv_kernel(
                 else:
                     lse = tl.load(LSE_head + rows)
                     delta = tl.load(DELTA_head + rows)
-                s_t = tl.dot(k.to(DOT), tl.trans(q).to(DOT), input_precision=PRECISION) * qk_scale  # S^T (N, M)
+                s_t = dot(k, tl.trans(q), DOT_FP32, DOT_PRECISION) * qk_scale  # S^T (N, M)
                 if phase != 1:
                     pos = rows + off
                     ok = row_ok[None, :]
@@ -264,17 +265,17 @@ def _attn_bwd_dkdv_kernel(
                         ok = ok & (pos[None, :] - cols[:, None] <= window)
                     s_t = tl.where(ok, s_t, float("-inf"))
                 p_t = tl.exp2(s_t - lse[None, :])
-                dv = tl.dot(p_t.to(do.dtype).to(DOT), do.to(DOT), dv, input_precision=PRECISION)
-                dp_t = tl.dot(v.to(DOT), tl.trans(do).to(DOT), input_precision=PRECISION)
+                dv = dot_acc(p_t.to(do.dtype), do, dv, DOT_FP32, DOT_PRECISION)
+                dp_t = dot(v, tl.trans(do), DOT_FP32, DOT_PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype).to(DOT), q.to(DOT), dk, input_precision=PRECISION)
+                dk = dot_acc(ds_t.to(q.dtype), q, dk, DOT_FP32, DOT_PRECISION)
     out = b * stride_dkb + hk.to(tl.int64) * stride_dkh + cols64 * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
+def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,  # q, k, v, do as in forward; lse2, delta (B, H, Tq); out dq like q
     stride_qb, stride_qt, stride_qh,  # strides of q
     stride_kb, stride_kt, stride_kh,  # strides of k
@@ -285,7 +286,6 @@ def _attn_bwd_dq_kernel(
     window,  # visible distance when WINDOWED
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
-    tune_tq, tune_tk, tune_w,  # size buckets: autotuning key only
     GROUP: tl.constexpr,  # query heads per kv head
     CAUSAL: tl.constexpr,  # mask keys after the query's position
     WINDOWED: tl.constexpr,  # also mask keys further than window behind
@@ -293,8 +293,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    DOT: tl.constexpr,  # dtype of tl.dot operands: the input dtype, fp32 in the interpreter
-    PRECISION: tl.constexpr,  # tl.dot input precision
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tq, BLOCK_M), B * H). The forward's key range; reads k, v (BLOCK_N x D) per step, writes dq once.
     pid_m = tl.program_id(0)
@@ -338,7 +338,7 @@ def _attn_bwd_dq_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
+            s = dot(q, tl.trans(k), DOT_FP32, DOT_PRECISION) * qk_scale
             if phase != 1:
                 ok = cols[None, :] < Tk
                 if CAUSAL:
@@ -347,8 +347,8 @@ def _attn_bwd_dq_kernel(
                     ok = ok & (pos_m[:, None] - cols[None, :] <= window)
                 s = tl.where(ok, s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do.to(DOT), tl.trans(v).to(DOT), input_precision=PRECISION)
+            dp = dot(do, tl.trans(v), DOT_FP32, DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype).to(DOT), k.to(DOT), dq, input_precision=PRECISION)
+            dq = dot_acc(ds.to(k.dtype), k, dq, DOT_FP32, DOT_PRECISION)
     out = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqt + offs_d[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)

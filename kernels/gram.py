@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_tensor, resolve_impl
+from kernels._dispatch import check_tensor, dtype_error, use_kernel
+from kernels._launch import dot_acc, dot_meta
 
-_TRITON_AVAILABLE = True
+__all__ = ["gram", "gram_ref", "sym_update", "sym_update_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -37,8 +38,8 @@ def _syrk_kernel(
     alpha,  # scale of the product
     beta,  # scale of D
     HAS_D: tl.constexpr,  # add beta * D in the epilogue
-    UPCAST: tl.constexpr,  # cast operands to fp32 before the dot (the CPU interpreter mishandles bf16 dots)
-    IEEE: tl.constexpr,  # fp32 operands: full-precision dot instead of tf32
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # square output tile side
     BLOCK_K: tl.constexpr,  # reduction chunk
 ):
@@ -66,13 +67,7 @@ def _syrk_kernel(
         k_ok = (k0 + ks) < kd
         a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_xn
         b_ptrs += BLOCK_K * stride_xn
 
@@ -101,10 +96,11 @@ def _syrk_config(m: int, kd: int, dtype: torch.dtype, cuda: bool) -> tuple[int, 
     return block_m, block_k, 8 if block_m == 128 else 4, 3
 
 
-def _syrk(x: torch.Tensor, alpha: float = 1.0, d: torch.Tensor | None = None, beta: float = 0.0, *,
+def syrk(x: torch.Tensor, alpha: float = 1.0, d: torch.Tensor | None = None, beta: float = 0.0, *,
           out: torch.Tensor | None = None, block_m: int | None = None) -> torch.Tensor:
     """C = alpha X X^T (+ beta D) for x (K, m, kd) with any strides; D (K, m, m) symmetric. Writes into `out`
-    ((K, m, m) contiguous, x's dtype) when given, else allocates it. `block_m` overrides the tile side."""
+    ((K, m, m) contiguous, x's dtype) when given, else allocates it. `block_m` overrides the tile side.
+    The launcher behind gram, sym_update and polar_express: it checks nothing, its callers have."""
     K, m, kd = x.shape
     if out is None:
         out = torch.empty((K, m, m), dtype=x.dtype, device=x.device)
@@ -112,37 +108,21 @@ def _syrk(x: torch.Tensor, alpha: float = 1.0, d: torch.Tensor | None = None, be
         return out
     bm, bk, warps, stages = _syrk_config(m, kd, x.dtype, x.is_cuda)
     bm = block_m or bm
-    upcast = x.device.type != "cuda"
-    ieee = upcast or x.dtype == torch.float32
     dd = d if d is not None else out
     tiles = triton.cdiv(m, bm)
     grid = (tiles * (tiles + 1) // 2, K)
     _syrk_kernel[grid](
         x, dd, out, m, kd, *x.stride(), *dd.stride(), float(alpha), float(beta),
-        HAS_D=d is not None, UPCAST=upcast, IEEE=ieee, BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        HAS_D=d is not None, **dot_meta(x), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def gram_ref(x: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch X X^T in x's dtype. x (m, n) or (K, m, n); returns (m, m) or (K, m, m)."""
-    return x @ x.mT
-
-
-def sym_update_ref(a: torch.Tensor, b: float, c: float) -> torch.Tensor:
-    """Plain-PyTorch b A + c A A in a's dtype. a (m, m) or (K, m, m)."""
-    return b * a + c * (a @ a)
-
-
-def _use_triton(impl: str, t: torch.Tensor) -> bool:
-    """Dispatch shared by the ops of this file: the kernels have no backward and no fp64 path, so a call that
-    needs a gradient (or fp64) under impl='auto' takes the reference; impl='triton' then raises."""
-    needs_grad = torch.is_grad_enabled() and t.requires_grad
-    supported = t.dtype in _KERNEL_DTYPES and not needs_grad
-    if impl == "triton" and not supported:
-        why = "has no backward" if needs_grad else f"supports {_KERNEL_DTYPES}, got {t.dtype}"
-        raise TypeError(f"the Triton kernel {why}; use impl='torch'")
-    return resolve_impl(impl, t, available=_TRITON_AVAILABLE and supported) == "triton"
+def no_kernel_reason(name: str, t: torch.Tensor) -> Exception | None:
+    """Why the symmetric-product kernels cannot take ``t`` (they have no backward and no fp64 path), or None."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return TypeError(f"the Triton kernel has no backward, and {name} requires grad; use impl='torch'")
+    return dtype_error(name, t, _KERNEL_DTYPES)
 
 
 def gram(x: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -152,10 +132,10 @@ def gram(x: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     Returns (m, m) or (K, m, m) in x's dtype, contiguous. The kernel path has no autograd.
     """
     check_tensor("x", x, ndim=(2, 3))
-    if not _use_triton(impl, x):
+    if not use_kernel(impl, x, unsupported=no_kernel_reason("x", x)):
         return gram_ref(x)
     x3 = x if x.ndim == 3 else x.unsqueeze(0)
-    out = _syrk(x3)
+    out = syrk(x3)
     return out if x.ndim == 3 else out[0]
 
 
@@ -172,8 +152,18 @@ def sym_update(a: torch.Tensor, b: float, c: float, *, impl: str = "auto") -> to
     for name, v in (("b", b), ("c", c)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
-    if not _use_triton(impl, a):
+    if not use_kernel(impl, a, unsupported=no_kernel_reason("a", a)):
         return sym_update_ref(a, b, c)
     a3 = a if a.ndim == 3 else a.unsqueeze(0)
-    out = _syrk(a3, c, a3, b)
+    out = syrk(a3, c, a3, b)
     return out if a.ndim == 3 else out[0]
+
+
+def gram_ref(x: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch X X^T in x's dtype. x (m, n) or (K, m, n); returns (m, m) or (K, m, m)."""
+    return x @ x.mT
+
+
+def sym_update_ref(a: torch.Tensor, b: float, c: float) -> torch.Tensor:
+    """Plain-PyTorch b A + c A A in a's dtype. a (m, m) or (K, m, m)."""
+    return b * a + c * (a @ a)

@@ -1,6 +1,6 @@
 """The lm_head projection fused with softcapped cross-entropy, chunked over tokens: the N x V logits are
-never held, only one chunk of R rows at a time. The public entry is
-``kernels.cross_entropy.linear_softcap_cross_entropy``; this file is its kernel path.
+never held, only one chunk of R rows at a time (``linear_softcap_cross_entropy``). The row kernel and the
+loss semantics are kernels/cross_entropy.py's.
 
 For each chunk x_c (R, C) of the rows of x, with W = weight[:V] in x's dtype (V = vocab_size):
     logits_c = x_c @ W^T                (R, V), x's dtype, cuBLAS, into one buffer reused by every chunk
@@ -27,13 +27,17 @@ product at a time for half-precision x on CUDA), 4 bytes of loss per row; nothin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kernels.cross_entropy import _ce_rows, _mean_scale, _reduce
+from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels.cross_entropy import ce_rows, check_ce_args, mean_scale, reduce_losses, softcap_cross_entropy_ref
 
+__all__ = ["linear_softcap_cross_entropy", "linear_softcap_cross_entropy_ref"]
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x's dtypes the chunked path takes
 _CHUNK_LOGITS = 1 << 27  # logits elements per chunk: 256 MiB in bf16 (R = 4096 rows at V = 32768)
 
 
-def _chunk_rows(n: int, vocab: int) -> int:
+def chunk_rows(n: int, vocab: int) -> int:
     """Rows per chunk for N tokens and V classes.
 
     R = floor(2^27 / V) rounded down to a multiple of 128 (at least 256), so a chunk of logits holds about
@@ -83,13 +87,13 @@ def _chunked(
     losses = torch.empty(n, dtype=torch.float32, device=x.device)
     gx = torch.empty_like(x2) if grads and need_x else None
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grads and need_w else None
-    rows = _chunk_rows(n, vocab)
+    rows = chunk_rows(n, vocab)
     buf = torch.empty((min(rows, n), vocab), dtype=x.dtype, device=x.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
         xc, lg = x2[start:end], buf[: end - start]
         torch.mm(xc, w.t(), out=lg)
-        _ce_rows(lg, targets[start:end], softcap, ignore_index, grad=lg if grads else None,
+        ce_rows(lg, targets[start:end], softcap, ignore_index, grad=lg if grads else None,
                  scale=scale[start:end] if row_scale else scale, row_scale=row_scale, out=losses[start:end])
         if gx is not None:
             torch.mm(lg, w, out=gx[start:end])
@@ -107,10 +111,10 @@ class _LinearSoftcapCE(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(x, weight, t)
             return _chunked(x, weight, t, softcap, ignore_index, vocab)[0].view(targets.shape)
-        count, scale = _mean_scale(t, ignore_index, reduction)
+        count, scale = mean_scale(t, ignore_index, reduction)
         losses, gx, gw = _chunked(x, weight, t, softcap, ignore_index, vocab, scale, need_x=need_x, need_w=need_w)
         ctx.save_for_backward(gx, gw)
-        return _reduce(losses, count, targets.shape, reduction)
+        return reduce_losses(losses, count, targets.shape, reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -129,19 +133,57 @@ class _LinearSoftcapCE(torch.autograd.Function):
         return gx, gw, None, None, None, None, None
 
 
-def fused_linear_softcap_ce(
+def linear_softcap_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    softcap: float | None,
-    ignore_index: int,
-    reduction: str,
-    vocab: int,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    *,
+    impl: str = "auto",
+    check_targets: bool = True,
 ) -> torch.Tensor:
-    """The kernel path of ``linear_softcap_cross_entropy`` on arguments it has already checked; vocab is
-    the number of leading rows of weight that are classes. Gradient work happens only under autograd."""
+    """The lm_head projection fused with softcapped cross-entropy.
+
+    x: (..., C) floating (bf16 on GPU; the kernel path takes fp32/bf16/fp16, float64 runs the reference).
+    weight: (Vp, C), cast to x's dtype (fp32 master allowed). targets: (...) integer. vocab_size: keep only
+    the first vocab_size logits (rows of weight beyond it are padding, never reach the loss and get a zero
+    gradient); None keeps all Vp. Other arguments as in ``softcap_cross_entropy``. Returns fp32 (float64 for
+    float64 x). Differentiable in x and weight. The kernel path never holds more than one chunk of logits
+    (see kernels/linear_cross_entropy.py) and, without autograd, computes no gradient.
+    """
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_same_device(x=x, weight=weight, targets=targets)
+    if weight.size(1) != x.size(-1):
+        raise ValueError(f"weight must have shape (V, C) with C = x.size(-1) = {x.size(-1)}, got {tuple(weight.shape)}")
+    if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= weight.size(0)):
+        raise ValueError(f"vocab_size must be None or an int in [1, {weight.size(0)}], got {vocab_size!r}")
+    vocab = weight.size(0) if vocab_size is None else vocab_size
+    check_ce_args(torch.Size((*x.shape[:-1], vocab)), vocab, targets, softcap, ignore_index, reduction,
+                   check_targets)
+    if not use_kernel(impl, x, weight, targets, unsupported=dtype_error("x", x, _KERNEL_DTYPES)):
+        return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearSoftcapCE.apply(x, weight, targets, softcap, ignore_index, reduction, vocab)
     t = targets.reshape(-1).contiguous()
-    count, _ = _mean_scale(t, ignore_index, reduction)
-    return _reduce(_chunked(x, weight, t, softcap, ignore_index, vocab)[0], count, targets.shape, reduction)
+    count, _ = mean_scale(t, ignore_index, reduction)
+    return reduce_losses(_chunked(x, weight, t, softcap, ignore_index, vocab)[0], count, targets.shape, reduction)
+
+
+def linear_softcap_cross_entropy_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = 15.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...)."""
+    logits = F.linear(x, weight.to(x.dtype))
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)

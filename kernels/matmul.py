@@ -22,21 +22,23 @@ Two kernels share the tile ordering and the epilogue:
   cut registers), and BLOCK_K=128 with 2-3 stages.
 
 Choosing a config: `config=None` on CUDA times every eligible name in TUNE_CONFIGS once per
-(device, dtype, epilogue, layout, M rounded up to a power of two, N, K) and keeps the fastest in `_TUNED` (the
-only module state: a cache of decisions, readable through `tuned_configs()`); on CPU tensors (the Triton
-interpreter) it is always INTERPRETER_CONFIG. Passing a name pins that config.
+(device, dtype, epilogue, layout, M rounded up to a power of two, N, K) through `kernels._launch.autotune`
+(its decisions: `kernels._launch.tuned_configs()`); on CPU tensors (the Triton interpreter) it is always
+INTERPRETER_CONFIG. Passing a name pins that config.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import autotune, capability_major, dot_acc, dot_meta, sm_count
+
+__all__ = ["gemm", "gemm_ref", "GEMM_CONFIGS"]
 EPILOGUES = {"none": 0, "relu2": 1, "relu2_grad": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -79,8 +81,6 @@ TUNE_CONFIGS = tuple(name for name in GEMM_CONFIGS if not name.startswith("test_
 INTERPRETER_CONFIG = "test_64x64x64"
 _INTERPRETER_PROGRAMS = 3  # persistent kernel on CPU: 3 programs, so each one loops over several tiles
 
-_TUNED: dict[tuple, str] = {}
-
 
 @triton.jit
 def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -97,7 +97,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 @triton.jit
 def _epilogue(acc, aux, EPILOGUE: tl.constexpr):
     if EPILOGUE == 1:
-        r = tl.maximum(acc, 0.0)
+        r = tl.where(acc < 0.0, 0.0, acc)  # relu that keeps NaN (tl.maximum would turn it into 0)
         acc = r * r
     elif EPILOGUE == 2:
         acc = 2.0 * tl.sqrt(aux.to(tl.float32)) * acc
@@ -118,8 +118,8 @@ def _gemm_kernel(
     stride_bn,  # elements between consecutive n of B
     EPILOGUE: tl.constexpr,  # 0 none, 1 relu^2, 2 times 2*sqrt(aux)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (the interpreter's bf16 dot is wrong)
-    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (matches torch), "tf32" otherwise (ignored)
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # reduction step
@@ -142,10 +142,7 @@ def _gemm_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -169,8 +166,8 @@ def _gemm_tma_kernel(
     num_programs,  # grid size: program p handles tiles p, p + num_programs, ...
     EPILOGUE: tl.constexpr,  # 0 none, 1 relu^2, 2 times 2*sqrt(aux)
     TRANS_B: tl.constexpr,  # B is stored (N, K) and used transposed
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (interpreter bf16)
-    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands, "tf32" otherwise (ignored)
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # reduction step
@@ -189,10 +186,7 @@ def _gemm_tma_kernel(
                 b = tl.trans(b_desc.load([off_n, kt * BLOCK_K]))
             else:
                 b = b_desc.load([kt * BLOCK_K, off_n])
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
         aux = acc
         if EPILOGUE == 2:
             aux = aux_desc.load([off_m, off_n])
@@ -209,18 +203,12 @@ def _tensor_descriptor_cls():
     return TensorDescriptor
 
 
-@functools.cache
-def _cuda_props(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.major, props.multi_processor_count
-
-
 def _tma_eligible(*tensors: torch.Tensor) -> bool:
     """TMA wants 16-byte aligned bases and row strides, a Triton with host descriptors and, on CUDA, sm90+."""
     if _tensor_descriptor_cls() is None:
         return False
     t0 = tensors[0]
-    if t0.is_cuda and _cuda_props(t0.device.index or 0)[0] < 9:
+    if t0.is_cuda and capability_major(t0.device) < 9:
         return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
@@ -228,10 +216,7 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
 def _launch(cfg: GemmConfig, a, b, out, aux, trans_b: bool, epilogue: int) -> None:
     M, K = a.shape
     N = out.shape[1]
-    # bf16 tl.dot multiplies bit patterns in the interpreter: off CUDA, up-cast to fp32 inside the kernel.
-    dot_fp32 = not a.is_cuda and a.dtype == torch.bfloat16
-    precision = "ieee" if a.dtype == torch.float32 or dot_fp32 else "tf32"
-    meta = dict(EPILOGUE=epilogue, DOT_FP32=dot_fp32, INPUT_PRECISION=precision, BLOCK_M=cfg.block_m,
+    meta = dict(EPILOGUE=epilogue, **dot_meta(a), BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
@@ -246,38 +231,8 @@ def _launch(cfg: GemmConfig, a, b, out, aux, trans_b: bool, epilogue: int) -> No
     b_desc = desc.from_tensor(b, [bn, bk] if trans_b else [bk, bn])
     c_desc = desc.from_tensor(out, [bm, bn])
     aux_desc = c_desc if aux is None else desc.from_tensor(aux, [bm, bn])
-    programs = min(tiles, _cuda_props(a.device.index or 0)[1] if a.is_cuda else _INTERPRETER_PROGRAMS)
+    programs = min(tiles, sm_count(a.device) if a.is_cuda else _INTERPRETER_PROGRAMS)
     _gemm_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, M, N, K, programs, TRANS_B=trans_b, **meta)
-
-
-def _tune(key: tuple, candidates: list[str], run, out: torch.Tensor) -> str:
-    """Time `run(config)` (which writes `out`) for each candidate; keep the fastest whose result agrees with the
-    first one that ran, so a config that compiles but computes garbage on this GPU/Triton cannot win."""
-    from triton.testing import do_bench
-
-    best, best_ms, first, failures = None, math.inf, None, {}
-    for name in candidates:
-        try:
-            ms = do_bench(lambda name=name: run(GEMM_CONFIGS[name]), warmup=5, rep=20, return_mode="median")
-        except Exception as e:  # a config may not fit this GPU or this Triton (shared memory, TMA): skip it
-            failures[name] = f"{type(e).__name__}: {e}"[:300]
-            continue
-        if first is None:
-            first = out.to(torch.float32, copy=True)
-        elif not (out.float() - first).norm() <= 1e-2 * first.norm():
-            failures[name] = "result differs from the first config's"
-            continue
-        if ms < best_ms:
-            best, best_ms = name, ms
-    if best is None:
-        raise RuntimeError(f"no GEMM config could run for {key}: {failures}")
-    _TUNED[key] = best
-    return best
-
-
-def tuned_configs() -> dict[tuple, str]:
-    """The tuner's decisions so far: (device, dtype, epilogue, trans_b, M bucket, N, K) -> config name."""
-    return dict(_TUNED)
 
 
 def gemm(
@@ -330,11 +285,10 @@ def gemm(
         config = INTERPRETER_CONFIG
     if config is None:
         bucket = 1 << max(M - 1, 0).bit_length()
-        key = (a.device.index, a.dtype, epilogue, trans_b, bucket, N, K)
-        config = _TUNED.get(key)
-        if config is None:
-            candidates = [n for n in TUNE_CONFIGS if tma_ok or not GEMM_CONFIGS[n].tma]
-            config = _tune(key, candidates, lambda cfg: _launch(cfg, a, b, out, aux, trans_b, code), out)
+        key = ("gemm", a.device.index, a.dtype, epilogue, trans_b, bucket, N, K)
+        candidates = [n for n in TUNE_CONFIGS if tma_ok or not GEMM_CONFIGS[n].tma]
+        config = autotune(key, candidates, lambda name: _launch(GEMM_CONFIGS[name], a, b, out, aux, trans_b, code),
+                          (out,))
     _launch(GEMM_CONFIGS[config], a, b, out, aux, trans_b, code)
     return out
 

@@ -28,18 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
 from kernels.matmul import GEMM_CONFIGS, gemm
 
-_TRITON_AVAILABLE = True
+__all__ = ["relu2_mlp", "relu2_mlp_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # other dtypes run the reference under "auto"
-
-
-def relu2_mlp_ref(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch ReLU^2 MLP. x (..., C); w_fc (Hd, C); w_proj (C_out, Hd). Returns (..., C_out), x's dtype."""
-    h = F.linear(x, w_fc.to(x.dtype))
-    h = F.relu(h).square()
-    return F.linear(h, w_proj.to(x.dtype))
 
 
 def _relu2_mlp_fwd(x2d, w_fc, w_proj, config):
@@ -103,11 +96,7 @@ def relu2_mlp(
         )
     if config is not None and config not in GEMM_CONFIGS:
         raise ValueError(f"config must be None or one of {tuple(GEMM_CONFIGS)}, got {config!r}")
-    if resolve_impl(impl, x, w_fc, w_proj, available=_TRITON_AVAILABLE) == "torch":
-        return relu2_mlp_ref(x, w_fc, w_proj)
-    if x.dtype not in _KERNEL_DTYPES:
-        if impl == "triton":
-            raise TypeError(f"the Triton relu2_mlp takes float32, bfloat16 or float16 x, got {x.dtype}")
+    if not use_kernel(impl, x, w_fc, w_proj, unsupported=dtype_error("x", x, _KERNEL_DTYPES)):
         return relu2_mlp_ref(x, w_fc, w_proj)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.size(-1)).contiguous()
@@ -116,3 +105,10 @@ def relu2_mlp(
     w_proj_c = w_proj.to(x.dtype).contiguous()
     y = _Relu2MLPFunction.apply(x2d, w_fc_c, w_proj_c, config)
     return y.view(*lead, w_proj.size(0))
+
+
+def relu2_mlp_ref(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch ReLU^2 MLP. x (..., C); w_fc (Hd, C); w_proj (C_out, Hd). Returns (..., C_out), x's dtype."""
+    h = F.linear(x, w_fc.to(x.dtype))
+    h = F.relu(h).square()
+    return F.linear(h, w_proj.to(x.dtype))

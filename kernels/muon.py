@@ -28,10 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, use_kernel
 from kernels.polar_express import polar_express, polar_express_ref
 
-_TRITON_AVAILABLE = True
+__all__ = [
+    "adamw_step_",
+    "adamw_step_ref",
+    "muon_post",
+    "muon_post_ref",
+    "muon_pre",
+    "muon_pre_ref",
+    "muon_step_",
+    "muon_step_ref",
+]
 
 
 @triton.jit
@@ -211,6 +220,141 @@ def _default_ns_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if t.is_cuda else torch.float32
 
 
+def _check_state(name: str, t: object, shape: torch.Size, ref: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """A state or companion tensor: given shape, contiguous, on ref's device, fp32 unless fp32=False."""
+    check_tensor(name, t)
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if fp32 and t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    check_same_device(**{name: t, "the first tensor argument": ref})
+    return t
+
+
+def _check_stack(name: str, t: object, fp32: bool = False) -> torch.Tensor:
+    check_tensor(name, t, ndim=3)
+    return _check_state(name, t, t.shape, t, fp32)
+
+
+def _tile(contig: int, other: int, cuda: bool) -> tuple[int, int]:
+    """(block along the contiguous dim, block along the other): 4096-element tiles on a GPU; on the CPU
+    interpreter, which pays per operation rather than per element, tiles as large as 65536."""
+    budget = 4096 if cuda else 65536
+    bc = max(2, min(triton.next_power_of_2(contig), 256 if cuda else budget))
+    return bc, max(2, min(triton.next_power_of_2(other), budget // bc))
+
+
+def _elementwise_block(numel: int, cuda: bool) -> int:
+    return 1024 if cuda else max(16, min(triton.next_power_of_2(numel), 65536))
+
+
+def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
+             out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
+    """Nesterov momentum and row equilibration for a Muon stack: the input of Polar Express.
+
+    grad_stack: (K, m, n) contiguous gradients, any float dtype (read as fp32). momentum_buf: (K, m, n) contiguous
+    fp32, updated IN PLACE to lerp(buf, G, 1 - mu). mu: the momentum. out_dtype: the Polar-Express dtype (default
+    bf16 on CUDA, fp32 elsewhere). Returns X (K, m, n) in out_dtype, every row of norm ||G'||_F / sqrt(m).
+    """
+    _check_stack("grad_stack", grad_stack)
+    _check_state("momentum_buf", momentum_buf, grad_stack.shape, grad_stack)
+    out_dtype = out_dtype or _default_ns_dtype(grad_stack)
+    if not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    if not use_kernel(impl, grad_stack, momentum_buf):
+        return muon_pre_ref(grad_stack, momentum_buf, mu, out_dtype)
+    K, m, n = grad_stack.shape
+    x = torch.empty((K, m, n), dtype=out_dtype, device=grad_stack.device)
+    if x.numel() == 0:
+        return x
+    bc, br = _tile(n, m, grad_stack.is_cuda)
+    n_parts = triton.cdiv(m, br)
+    rowsq = torch.empty((K, m), dtype=torch.float32, device=x.device)
+    part = torch.empty((K, n_parts), dtype=torch.float32, device=x.device)
+    grid = (n_parts, K)
+    # scalars go in as Python floats: an int 1 would be specialized into a constant by Triton
+    _nesterov_kernel[grid](grad_stack, momentum_buf, rowsq, part, m, n, n_parts, float(1 - mu), float(mu),
+                           BLOCK_R=br, BLOCK_C=bc)
+    _equilibrate_kernel[grid](grad_stack, momentum_buf, rowsq, part, x, m, n, n_parts, float(mu), math.sqrt(m),
+                              BLOCK_R=br, BLOCK_C=bc, BLOCK_P=triton.next_power_of_2(n_parts))
+    return x
+
+
+def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Tensor, lr: float, wd: float,
+              beta2: float, *, impl: str = "auto") -> None:
+    """Muon+ scaling, NorMuon variance reduction and the cautious-weight-decay update, IN PLACE.
+
+    X: (K, m, n) contiguous Polar-Express output, any float dtype. params_stack: (K, m, n) contiguous fp32, updated
+    in place: P -= lr' X + lr' wd P [X P >= 0] with lr' = lr sqrt(max(1, m / n)). second_buf: contiguous fp32,
+    (K, m, 1) when m >= n else (K, 1, n), updated in place to lerp(buf2, mean(X^2 over r), 1 - beta2).
+    """
+    _check_stack("X", X)
+    _check_state("params_stack", params_stack, X.shape, X)
+    K, m, n = X.shape
+    row_lines = m >= n
+    _check_state("second_buf", second_buf, torch.Size((K, m, 1) if row_lines else (K, 1, n)), X)
+    if not use_kernel(impl, X, params_stack, second_buf):
+        return muon_post_ref(X, params_stack, second_buf, lr, wd, beta2)
+    if X.numel() == 0:
+        return None
+    cuda = X.is_cuda
+    L, R = (m, n) if row_lines else (n, m)
+    stride_l, stride_r = (n, 1) if row_lines else (1, n)
+    q = torch.empty((K, L), dtype=torch.float32, device=X.device)
+    coef = torch.empty_like(q)
+    ratio = torch.empty((K,), dtype=torch.float32, device=X.device)
+    bc, bo = _tile(R if row_lines else L, L if row_lines else R, cuda)
+    bl, br = (bo, bc) if row_lines else (bc, bo)
+    _line_sumsq_kernel[(triton.cdiv(L, bl), K)](X, q, L, R, stride_l, stride_r, BLOCK_L=bl, BLOCK_R=br)
+    _normuon_kernel[(K,)](q, second_buf, coef, ratio, L, R, math.sqrt(min(m, n)), float(1 - beta2),
+                          BLOCK=min(1024, triton.next_power_of_2(L)))
+    lr_eff = float(lr * math.sqrt(max(1.0, m / n)))
+    block = _elementwise_block(m * n, cuda)
+    _cautious_update_kernel[(triton.cdiv(m * n, block), K)](X, params_stack, coef, ratio, m * n, n, L, lr_eff,
+                                                           lr_eff * wd, ROW_LINES=row_lines, BLOCK=block)
+    return None
+
+
+def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                lr: float, beta1: float, beta2: float, eps: float, wd: float, *, impl: str = "auto") -> None:
+    """One AdamW update, IN PLACE on p, exp_avg and exp_avg_sq (one launch).
+
+    p: any shape, contiguous, any float dtype (math in fp32, stored back in p's dtype). grad: p's shape, any float
+    dtype. exp_avg, exp_avg_sq: p's shape, contiguous fp32. step: this update's 1-based count t (bias corrections
+    1 - beta^t). p = p (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 - beta2^t)) + eps) with m, v the updated
+    moments.
+    """
+    check_tensor("p", p)
+    if not p.is_contiguous():
+        raise ValueError("p must be contiguous")
+    _check_state("grad", grad, p.shape, p, fp32=False)
+    _check_state("exp_avg", exp_avg, p.shape, p)
+    _check_state("exp_avg_sq", exp_avg_sq, p.shape, p)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    if not use_kernel(impl, p, grad, exp_avg, exp_avg_sq):
+        return adamw_step_ref(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
+    numel = p.numel()
+    if numel == 0:
+        return None
+    block = _elementwise_block(numel, p.is_cuda)
+    scalars = (1 - lr * wd, 1 - beta1, 1 - beta2, 1 - beta2**step, -lr / (1 - beta1**step), eps)
+    _adamw_kernel[(triton.cdiv(numel, block),)](p, grad, exp_avg, exp_avg_sq, numel, *map(float, scalars),
+                                                BLOCK=block)
+    return None
+
+
+def muon_step_(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_buf: torch.Tensor,
+               second_buf: torch.Tensor, *, lr: float, mu: float, beta2: float, wd: float, ns_steps: int = 5,
+               ns_dtype: torch.dtype | None = None, impl: str = "auto") -> None:
+    """One whole Muon step on stacks (muon_pre, polar_express, muon_post), IN PLACE on params_stack, momentum_buf
+    and second_buf. Shapes and dtypes as in muon_pre / muon_post; ns_dtype as muon_pre's out_dtype."""
+    X = muon_pre(grad_stack, momentum_buf, mu, out_dtype=ns_dtype, impl=impl)
+    muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl=impl)
+
+
 def muon_pre_ref(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference of `muon_pre`: train/optim.py's Muon steps 1-2. Updates momentum_buf in place."""
@@ -257,138 +401,3 @@ def muon_step_ref(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum
     """Reference of `muon_step_`: the whole Muon step of train/optim.py on stacks, in place."""
     X = muon_pre_ref(grad_stack, momentum_buf, mu, ns_dtype)
     muon_post_ref(polar_express_ref(X, ns_steps), params_stack, second_buf, lr, wd, beta2)
-
-
-def _check_state(name: str, t: object, shape: torch.Size, ref: torch.Tensor, fp32: bool = True) -> torch.Tensor:
-    """A state or companion tensor: given shape, contiguous, on ref's device, fp32 unless fp32=False."""
-    check_tensor(name, t)
-    if t.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if fp32 and t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    check_same_device(**{name: t, "the first tensor argument": ref})
-    return t
-
-
-def _check_stack(name: str, t: object, fp32: bool = False) -> torch.Tensor:
-    check_tensor(name, t, ndim=3)
-    return _check_state(name, t, t.shape, t, fp32)
-
-
-def _tile(contig: int, other: int, cuda: bool) -> tuple[int, int]:
-    """(block along the contiguous dim, block along the other): 4096-element tiles on a GPU; on the CPU
-    interpreter, which pays per operation rather than per element, tiles as large as 65536."""
-    budget = 4096 if cuda else 65536
-    bc = max(2, min(triton.next_power_of_2(contig), 256 if cuda else budget))
-    return bc, max(2, min(triton.next_power_of_2(other), budget // bc))
-
-
-def _elementwise_block(numel: int, cuda: bool) -> int:
-    return 1024 if cuda else max(16, min(triton.next_power_of_2(numel), 65536))
-
-
-def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
-             out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
-    """Nesterov momentum and row equilibration for a Muon stack: the input of Polar Express.
-
-    grad_stack: (K, m, n) contiguous gradients, any float dtype (read as fp32). momentum_buf: (K, m, n) contiguous
-    fp32, updated IN PLACE to lerp(buf, G, 1 - mu). mu: the momentum. out_dtype: the Polar-Express dtype (default
-    bf16 on CUDA, fp32 elsewhere). Returns X (K, m, n) in out_dtype, every row of norm ||G'||_F / sqrt(m).
-    """
-    _check_stack("grad_stack", grad_stack)
-    _check_state("momentum_buf", momentum_buf, grad_stack.shape, grad_stack)
-    out_dtype = out_dtype or _default_ns_dtype(grad_stack)
-    if not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
-    if resolve_impl(impl, grad_stack, momentum_buf, available=_TRITON_AVAILABLE) == "torch":
-        return muon_pre_ref(grad_stack, momentum_buf, mu, out_dtype)
-    K, m, n = grad_stack.shape
-    x = torch.empty((K, m, n), dtype=out_dtype, device=grad_stack.device)
-    if x.numel() == 0:
-        return x
-    bc, br = _tile(n, m, grad_stack.is_cuda)
-    n_parts = triton.cdiv(m, br)
-    rowsq = torch.empty((K, m), dtype=torch.float32, device=x.device)
-    part = torch.empty((K, n_parts), dtype=torch.float32, device=x.device)
-    grid = (n_parts, K)
-    # scalars go in as Python floats: an int 1 would be specialized into a constant by Triton
-    _nesterov_kernel[grid](grad_stack, momentum_buf, rowsq, part, m, n, n_parts, float(1 - mu), float(mu),
-                           BLOCK_R=br, BLOCK_C=bc)
-    _equilibrate_kernel[grid](grad_stack, momentum_buf, rowsq, part, x, m, n, n_parts, float(mu), math.sqrt(m),
-                              BLOCK_R=br, BLOCK_C=bc, BLOCK_P=triton.next_power_of_2(n_parts))
-    return x
-
-
-def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Tensor, lr: float, wd: float,
-              beta2: float, *, impl: str = "auto") -> None:
-    """Muon+ scaling, NorMuon variance reduction and the cautious-weight-decay update, IN PLACE.
-
-    X: (K, m, n) contiguous Polar-Express output, any float dtype. params_stack: (K, m, n) contiguous fp32, updated
-    in place: P -= lr' X + lr' wd P [X P >= 0] with lr' = lr sqrt(max(1, m / n)). second_buf: contiguous fp32,
-    (K, m, 1) when m >= n else (K, 1, n), updated in place to lerp(buf2, mean(X^2 over r), 1 - beta2).
-    """
-    _check_stack("X", X)
-    _check_state("params_stack", params_stack, X.shape, X)
-    K, m, n = X.shape
-    row_lines = m >= n
-    _check_state("second_buf", second_buf, torch.Size((K, m, 1) if row_lines else (K, 1, n)), X)
-    if resolve_impl(impl, X, params_stack, second_buf, available=_TRITON_AVAILABLE) == "torch":
-        return muon_post_ref(X, params_stack, second_buf, lr, wd, beta2)
-    if X.numel() == 0:
-        return None
-    cuda = X.is_cuda
-    L, R = (m, n) if row_lines else (n, m)
-    stride_l, stride_r = (n, 1) if row_lines else (1, n)
-    q = torch.empty((K, L), dtype=torch.float32, device=X.device)
-    coef = torch.empty_like(q)
-    ratio = torch.empty((K,), dtype=torch.float32, device=X.device)
-    bc, bo = _tile(R if row_lines else L, L if row_lines else R, cuda)
-    bl, br = (bo, bc) if row_lines else (bc, bo)
-    _line_sumsq_kernel[(triton.cdiv(L, bl), K)](X, q, L, R, stride_l, stride_r, BLOCK_L=bl, BLOCK_R=br)
-    _normuon_kernel[(K,)](q, second_buf, coef, ratio, L, R, math.sqrt(min(m, n)), float(1 - beta2),
-                          BLOCK=min(1024, triton.next_power_of_2(L)))
-    lr_eff = float(lr * math.sqrt(max(1.0, m / n)))
-    block = _elementwise_block(m * n, cuda)
-    _cautious_update_kernel[(triton.cdiv(m * n, block), K)](X, params_stack, coef, ratio, m * n, n, L, lr_eff,
-                                                           lr_eff * wd, ROW_LINES=row_lines, BLOCK=block)
-    return None
-
-
-def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                lr: float, beta1: float, beta2: float, eps: float, wd: float, *, impl: str = "auto") -> None:
-    """One AdamW update, IN PLACE on p, exp_avg and exp_avg_sq (one launch).
-
-    p: any shape, contiguous, any float dtype (math in fp32, stored back in p's dtype). grad: p's shape, any float
-    dtype. exp_avg, exp_avg_sq: p's shape, contiguous fp32. step: this update's 1-based count t (bias corrections
-    1 - beta^t). p = p (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 - beta2^t)) + eps) with m, v the updated
-    moments.
-    """
-    check_tensor("p", p)
-    if not p.is_contiguous():
-        raise ValueError("p must be contiguous")
-    _check_state("grad", grad, p.shape, p, fp32=False)
-    _check_state("exp_avg", exp_avg, p.shape, p)
-    _check_state("exp_avg_sq", exp_avg_sq, p.shape, p)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
-    if resolve_impl(impl, p, grad, exp_avg, exp_avg_sq, available=_TRITON_AVAILABLE) == "torch":
-        return adamw_step_ref(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
-    numel = p.numel()
-    if numel == 0:
-        return None
-    block = _elementwise_block(numel, p.is_cuda)
-    scalars = (1 - lr * wd, 1 - beta1, 1 - beta2, 1 - beta2**step, -lr / (1 - beta1**step), eps)
-    _adamw_kernel[(triton.cdiv(numel, block),)](p, grad, exp_avg, exp_avg_sq, numel, *map(float, scalars),
-                                                BLOCK=block)
-    return None
-
-
-def muon_step_(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_buf: torch.Tensor,
-               second_buf: torch.Tensor, *, lr: float, mu: float, beta2: float, wd: float, ns_steps: int = 5,
-               ns_dtype: torch.dtype | None = None, impl: str = "auto") -> None:
-    """One whole Muon step on stacks (muon_pre, polar_express, muon_post), IN PLACE on params_stack, momentum_buf
-    and second_buf. Shapes and dtypes as in muon_pre / muon_post; ns_dtype as muon_pre's out_dtype."""
-    X = muon_pre(grad_stack, momentum_buf, mu, out_dtype=ns_dtype, impl=impl)
-    muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl=impl)

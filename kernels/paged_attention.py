@@ -2,10 +2,10 @@
 
 Layout (one layer):
     k_pages, v_pages  (num_pages, page_size, Hkv, D): the page pool.
-    block_table       (B, max_pages) int32: token j of sequence b lives in page block_table[b, j // page_size],
+    block_table       (B, max_pages) int32 or int64: token j of sequence b lives in page block_table[b, j // page_size],
                       row j % page_size.
-    seq_lens          (B,) int32: tokens in the cache of each sequence, the new ones included.
-    q                 (B, Tq, H, D), padded on the right; q_lens (B,) int32 says how many rows of sequence b are
+    seq_lens          (B,) int32 or int64: tokens in the cache of each sequence, the new ones included.
+    q                 (B, Tq, H, D), padded on the right; q_lens (B,) int says how many rows of sequence b are
                       real (None: all Tq). Real query t of sequence b sits at position seq_lens[b] - q_lens[b] + t,
                       so one call serves prefill chunks (q_len = chunk length) and decode steps (q_len = 1) alike.
 Mask (SPEC §1): the query at position p sees key j iff j <= p and p - j <= window. Query head h reads kv head
@@ -24,17 +24,17 @@ Not differentiable: inference only.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, use_kernel
+from kernels._launch import dot, dot_acc, dot_meta, last_dim_contiguous, sm_count
 from kernels.attention import flash_attention_ref
 
-_TRITON_AVAILABLE = True
+__all__ = ["paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
 _NO_WINDOW = 1 << 30  # a window wider than any context
 
 
@@ -43,9 +43,9 @@ def _paged_attention_kernel(
     Q,  # (B, Tq, H, D) queries, last dim contiguous
     K,  # (num_pages, page_size, Hkv, D) key pages, contiguous
     V,  # (num_pages, page_size, Hkv, D) value pages, same layout as K
-    BT,  # (B, max_pages) int32 block table
-    SEQ,  # (B,) int32 tokens in the cache per sequence (new ones included)
-    QLEN,  # (B,) int32 real query rows per sequence
+    BT,  # (B, max_pages) int block table
+    SEQ,  # (B,) int tokens in the cache per sequence (new ones included)
+    QLEN,  # (B,) int real query rows per sequence
     Out,  # (B, Tq, H, D) output (NUM_SPLITS == 1) ...
     OP,  # ... or (B, NUM_SPLITS, Tq, H, D) fp32 partial outputs (NUM_SPLITS > 1)
     LP,  # (B, NUM_SPLITS, Tq, H) fp32 partial log2-sum-exp (NUM_SPLITS > 1)
@@ -64,6 +64,8 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,  # packed (query, head) rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     NUM_SPLITS: tl.constexpr,  # KV splits (1: write Out directly)
+    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -105,7 +107,7 @@ def _paged_attention_kernel(
         page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (kpos % PAGE_SIZE).to(tl.int64) * stride_kt + kvh * stride_kh
         kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
-        s = tl.dot(q, kt) * qk_scale  # (M, N), log2 units
+        s = dot(q, kt, DOT_FP32, DOT_PRECISION) * qk_scale  # (M, N), log2 units
         visible = (kpos[None, :] <= pos[:, None]) & (pos[:, None] - kpos[None, :] <= window)
         s = tl.where(visible & k_ok[None, :] & row_ok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -113,7 +115,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0
@@ -134,7 +136,7 @@ def _combine_kernel(
     OP,  # (B, NUM_SPLITS, Tq, H, D) fp32 partial outputs
     LP,  # (B, NUM_SPLITS, Tq, H) fp32 partial log2-sum-exp
     Out,  # (B, Tq, H, D) output
-    QLEN,  # (B,) int32 real query rows per sequence
+    QLEN,  # (B,) int real query rows per sequence
     stride_ob, stride_ot, stride_oh,  # output strides
     Tq,  # padded query rows per sequence
     n_q_heads,  # H
@@ -182,43 +184,13 @@ def _append_kernel(
     tl.store(VP + dst, tl.load(VN + i * stride_vn + c, mask=ok), mask=ok)
 
 
-# ---- references -------------------------------------------------------------------------------------------------
-def paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens=None, window=None, scale=None):
-    """Gather each sequence's pages into a dense (1, seq_len, Hkv, D) cache and run the dense reference."""
-    B, Tq = q.shape[:2]
-    page_size = k_pages.size(1)
-    q_lens = [Tq] * B if q_lens is None else q_lens.tolist()
-    out = torch.zeros_like(q)
-    for b, (n, m) in enumerate(zip(seq_lens.tolist(), q_lens)):
-        if m == 0:
-            continue
-        pages = block_table[b, : -(-n // page_size)].long()
-        k = k_pages[pages].flatten(0, 1)[:n]
-        v = v_pages[pages].flatten(0, 1)[:n]
-        out[b, :m] = flash_attention_ref(q[b : b + 1, :m], k[None], v[None], causal=True, window=window, scale=scale)[0]
-    return out
-
-
-def paged_kv_append_ref(k_pages, v_pages, k, v, slots) -> None:
-    """Write k[i], v[i] ((N, Hkv, D)) into slot slots[i] = page * page_size + row; slots < 0 are skipped."""
-    keep = slots >= 0
-    k_pages.view(-1, *k_pages.shape[2:])[slots[keep]] = k[keep]
-    v_pages.view(-1, *v_pages.shape[2:])[slots[keep]] = v[keep]
-
-
 # ---- launchers --------------------------------------------------------------------------------------------------
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _pick_splits(programs: int, max_kv_blocks: int, device: torch.device) -> int:
     """Enough splits for about four programs per SM (decode is latency-bound: many loads must be in flight),
     each split keeping at least 4 key blocks so the combine stays cheap."""
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    want = -(-4 * _sm_count(index) // programs)
+    want = -(-4 * sm_count(device) // programs)
     return max(1, min(want, max_kv_blocks // 4, 32))
 
 
@@ -226,7 +198,7 @@ def _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, 
     B, Tq, H, D = q.shape
     num_pages, page_size, Hkv, _ = k_pages.shape
     group = H // Hkv
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = last_dim_contiguous(q)
     block_m = min(64, max(16, triton.next_power_of_2(Tq * group)))
     block_n = 64 if D <= 128 else 32
     m_blocks = triton.cdiv(Tq * group, block_m)
@@ -247,7 +219,7 @@ def _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, 
         out.stride(0), out.stride(1), out.stride(2),
         scale * math.log2(math.e), _NO_WINDOW if window is None else window, Hkv, Tq,
         GROUP=group, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), PAGE_SIZE=page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, **dot_meta(q), num_warps=4,
     )
     if num_splits > 1:
         _combine_kernel[(B * Tq, H)](
@@ -266,7 +238,7 @@ def _check_index(name: str, t: object, shape: tuple) -> torch.Tensor:
     if t.ndim != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
         want = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    return t.to(torch.int32).contiguous()
+    return t.contiguous()  # never narrowed: the kernels read int32 and int64 indices alike
 
 
 def paged_attention(
@@ -328,7 +300,7 @@ def paged_attention(
         if bool(((block_table < 0) | (block_table >= num_pages))[used].any()):
             raise ValueError(f"block_table refers to pages outside [0, {num_pages})")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if resolve_impl(impl, q, k_pages, v_pages, available=_TRITON_AVAILABLE) == "triton":
+    if use_kernel(impl, q, k_pages, v_pages):
         return _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale, num_splits)
     return paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale)
 
@@ -359,7 +331,7 @@ def paged_kv_append(
     slots = slots.to(torch.int64).contiguous()
     if not k.is_cuda and bool((slots >= k_pages.size(0) * k_pages.size(1)).any()):
         raise ValueError(f"slots must be < num_pages * page_size ({k_pages.size(0) * k_pages.size(1)})")
-    if resolve_impl(impl, k, v, k_pages, v_pages, available=_TRITON_AVAILABLE) == "torch":
+    if not use_kernel(impl, k, v, k_pages, v_pages):
         paged_kv_append_ref(k_pages, v_pages, k, v, slots)
         return
     if k.size(0) == 0:
@@ -368,3 +340,27 @@ def paged_kv_append(
     row = k.size(1)
     _append_kernel[(k.size(0),)](k, v, k_pages, v_pages, slots, k.stride(0), v.stride(0),
                                  ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
+
+
+# ---- references -------------------------------------------------------------------------------------------------
+def paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens=None, window=None, scale=None):
+    """Gather each sequence's pages into a dense (1, seq_len, Hkv, D) cache and run the dense reference."""
+    B, Tq = q.shape[:2]
+    page_size = k_pages.size(1)
+    q_lens = [Tq] * B if q_lens is None else q_lens.tolist()
+    out = torch.zeros_like(q)
+    for b, (n, m) in enumerate(zip(seq_lens.tolist(), q_lens)):
+        if m == 0:
+            continue
+        pages = block_table[b, : -(-n // page_size)].long()
+        k = k_pages[pages].flatten(0, 1)[:n]
+        v = v_pages[pages].flatten(0, 1)[:n]
+        out[b, :m] = flash_attention_ref(q[b : b + 1, :m], k[None], v[None], causal=True, window=window, scale=scale)[0]
+    return out
+
+
+def paged_kv_append_ref(k_pages, v_pages, k, v, slots) -> None:
+    """Write k[i], v[i] ((N, Hkv, D)) into slot slots[i] = page * page_size + row; slots < 0 are skipped."""
+    keep = slots >= 0
+    k_pages.view(-1, *k_pages.shape[2:])[slots[keep]] = k[keep]
+    v_pages.view(-1, *v_pages.shape[2:])[slots[keep]] = v[keep]

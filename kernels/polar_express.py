@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_tensor
-from kernels.gram import _syrk, _use_triton
+from kernels._dispatch import check_tensor, use_kernel
+from kernels.gram import no_kernel_reason, syrk
 
-_TRITON_AVAILABLE = True
+__all__ = ["POLAR_EXPRESS_COEFFS", "polar_express", "polar_express_ref"]
+
 
 # (a, b, c) for each iteration, in order.
 POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
@@ -34,8 +35,8 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 
+
 _CHUNK = 16384  # elements summed by one program of the normalization (a matrix of m n elements has
-#                 ceil(m n / _CHUNK) partial sums; 576 for 1536 x 6144)
 
 
 @triton.jit
@@ -106,14 +107,33 @@ def _polar_express_triton(g: torch.Tensor, steps: int) -> torch.Tensor:
     B = torch.empty_like(A)
     nxt = torch.empty_like(x)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-        _syrk(x.mT if tall else x, out=A)  # A = X X^T (wide) or X^T X (tall), exactly symmetric
-        _syrk(A, c, A, b, out=B)  # B = b A + c A A
+        syrk(x.mT if tall else x, out=A)  # A = X X^T (wide) or X^T X (tall), exactly symmetric
+        syrk(A, c, A, b, out=B)  # B = b A + c A A
         if tall:
             torch.baddbmm(x, x, B, beta=a, out=nxt)  # X' = a X + X B
         else:
             torch.baddbmm(x, B, x, beta=a, out=nxt)  # X' = a X + B X
         x, nxt = nxt, x
     return x
+
+
+def polar_express(g: torch.Tensor, steps: int = 5, *, impl: str = "auto") -> torch.Tensor:
+    """Approximate the orthogonal polar factor of each matrix in a stack (Muon's update direction).
+
+    g: (m, n) or (K, m, n), floating; the computation runs in g's dtype (bf16 on GPU in the optimizer), with
+    fp32 accumulation in the kernels. Each matrix is first scaled to Frobenius norm just under 1, then ``steps``
+    (0..5) iterations run with ``POLAR_EXPRESS_COEFFS``. Returns a new contiguous tensor of g's shape and dtype
+    whose singular values lie near 1. The Triton path (fp32/fp16/bf16; a non-contiguous g is copied first) has no
+    autograd: under impl='auto' a g that needs a gradient, or an fp64 g, takes the reference.
+    """
+    check_tensor("g", g, ndim=(2, 3))
+    if type(steps) is not int or not 0 <= steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"steps must be an int in [0, {len(POLAR_EXPRESS_COEFFS)}], got {steps!r}")
+    if not use_kernel(impl, g, unsupported=no_kernel_reason("g", g)):
+        return polar_express_ref(g, steps)
+    g3 = (g if g.ndim == 3 else g.unsqueeze(0)).contiguous()
+    out = _polar_express_triton(g3, steps)
+    return out if g.ndim == 3 else out[0]
 
 
 def polar_express_ref(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -130,22 +150,3 @@ def polar_express_ref(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
             poly = b * gram + c * (gram @ gram)
             x = a * x + x @ poly
     return x
-
-
-def polar_express(g: torch.Tensor, steps: int = 5, *, impl: str = "auto") -> torch.Tensor:
-    """Approximate the orthogonal polar factor of each matrix in a stack (Muon's update direction).
-
-    g: (m, n) or (K, m, n), floating; the computation runs in g's dtype (bf16 on GPU in the optimizer), with
-    fp32 accumulation in the kernels. Each matrix is first scaled to Frobenius norm just under 1, then ``steps``
-    (0..5) iterations run with ``POLAR_EXPRESS_COEFFS``. Returns a new contiguous tensor of g's shape and dtype
-    whose singular values lie near 1. The Triton path (fp32/fp16/bf16; a non-contiguous g is copied first) has no
-    autograd: under impl='auto' a g that needs a gradient, or an fp64 g, takes the reference.
-    """
-    check_tensor("g", g, ndim=(2, 3))
-    if type(steps) is not int or not 0 <= steps <= len(POLAR_EXPRESS_COEFFS):
-        raise ValueError(f"steps must be an int in [0, {len(POLAR_EXPRESS_COEFFS)}], got {steps!r}")
-    if not _use_triton(impl, g):
-        return polar_express_ref(g, steps)
-    g3 = (g if g.ndim == 3 else g.unsqueeze(0)).contiguous()
-    out = _polar_express_triton(g3, steps)
-    return out if g.ndim == 3 else out[0]

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_eps, check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_eps, check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._launch import as_rows, num_warps_for
 
-_TRITON_AVAILABLE = True
+__all__ = ["mix_rms_norm", "mix_rms_norm_ref", "rms_norm", "rms_norm_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels do float32 math
 _MAX_C = 16384  # one row lives in registers; longer rows run the reference under impl="auto"
 
@@ -114,19 +115,12 @@ def _rms_norm_bwd_kernel(
         tl.store(DX + r * C + cols, dh.to(DX.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (N, C) with unit stride along C; a view whenever reshape allows one."""
-    t2 = t.reshape(-1, t.size(-1))
-    # The kernels index rows by one stride and need contiguous rows for vector loads: copy only if not.
-    return t2 if t2.stride(-1) == 1 or t2.size(-1) == 1 else t2.contiguous()
-
-
 def _meta(N: int, C: int) -> tuple[tuple[int], dict]:
     """Grid and meta-parameters: a program takes enough rows to hold about 4096 elements (short rows share a
     program), with about 16 fp32 values per thread."""
     block = triton.next_power_of_2(C)
     rows = min(16, max(1, 4096 // block))
-    return (triton.cdiv(N, rows),), {"ROWS": rows, "BLOCK_C": block, "num_warps": min(16, max(1, rows * block // 512))}
+    return (triton.cdiv(N, rows),), {"ROWS": rows, "BLOCK_C": block, "num_warps": num_warps_for(rows * block)}
 
 
 def _default_eps(eps: float | None) -> float:
@@ -135,7 +129,7 @@ def _default_eps(eps: float | None) -> float:
 
 def _rms_norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., C) -> y (x's shape, contiguous), rstd (N,) fp32. Inference entry point (no autograd)."""
-    x2 = _rows(x)
+    x2 = as_rows(x)
     N, C = x2.shape
     # Outputs are allocated in their final shape (contiguous), not as views of an (N, C) buffer, so that
     # autograd lets callers modify them in place.
@@ -149,7 +143,7 @@ def _rms_norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 def _mix_rms_norm_fwd(x, x0, a, b, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h = a*x + b*x0 and y = rms_norm(h), both with x's shape; rstd (N,) fp32."""
-    x2, x02 = _rows(x), _rows(x0)
+    x2, x02 = as_rows(x), as_rows(x0)
     N, C = x2.shape
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # final shapes, contiguous (see _rms_norm_fwd)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -158,6 +152,13 @@ def _mix_rms_norm_fwd(x, x0, a, b, eps: float) -> tuple[torch.Tensor, torch.Tens
         grid, meta = _meta(N, C)
         _rms_norm_fwd_kernel[grid](x2, x02, a, b, h, y, rstd, x2.stride(0), x02.stride(0), N, C, eps, MIX=True, **meta)
     return h, y, rstd
+
+
+def _no_kernel_reason(x: torch.Tensor) -> Exception | None:
+    """Why the kernels cannot take x (float64, rows over _MAX_C), or None."""
+    if x.size(-1) > _MAX_C:
+        return ValueError(f"the Triton kernel takes rows of at most {_MAX_C} elements, got x with {x.size(-1)}")
+    return dtype_error("x", x, _KERNEL_DTYPES)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -170,7 +171,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         y, rstd = ctx.saved_tensors
-        dy2, y2 = _rows(dy), y.view(-1, y.size(-1))
+        dy2, y2 = as_rows(dy), y.view(-1, y.size(-1))
         N, C = y2.shape
         dx = torch.empty_like(y2)
         if N:
@@ -190,7 +191,7 @@ class _MixRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: torch.Tensor, dy: torch.Tensor):
         x, x0, a, b, rstd = ctx.saved_tensors
-        x2, x02, dy2, dh2 = _rows(x), _rows(x0), _rows(dy), _rows(dh)
+        x2, x02, dy2, dh2 = as_rows(x), as_rows(x0), as_rows(dy), as_rows(dh)
         N, C = x2.shape
         dx = torch.empty((N, C), dtype=x.dtype, device=x.device)
         dx0 = torch.empty((N, C), dtype=x0.dtype, device=x.device)
@@ -201,35 +202,6 @@ class _MixRMSNorm(torch.autograd.Function):
                                        dh2.stride(0), x2.stride(0), x02.stride(0), N, C, MIX=True, **meta)
         da, db = part.sum(dim=1)  # fixed-order reduction of per-row partials: deterministic
         return dx.view(x.shape), dx0.view(x.shape), da.to(a.dtype).view(a.shape), db.to(b.dtype).view(b.shape), None
-
-
-def rms_norm_ref(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-    """Plain-PyTorch RMSNorm; same semantics (and dtype handling) as ``F.rms_norm`` over the last dim."""
-    return F.rms_norm(x, (x.size(-1),), eps=eps)
-
-
-def mix_rms_norm_ref(
-    x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: h = a*x + b*x0 with a, b cast to x's dtype (as the model writes it); (h, rms_norm(h))."""
-    h = a.to(x.dtype) * x + b.to(x.dtype) * x0
-    return h, rms_norm_ref(h, eps)
-
-
-def _use_kernel(impl: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Resolve impl; a kernel-less case (float64, rows over _MAX_C) runs the reference unless impl="triton"."""
-    if resolve_impl(impl, x, *tensors, available=_TRITON_AVAILABLE) == "torch":
-        return False
-    why = None
-    if x.dtype not in _KERNEL_DTYPES:
-        why = f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))} inputs, got {x.dtype}"
-    elif x.size(-1) > _MAX_C:
-        why = f"the Triton kernel takes rows of at most {_MAX_C} elements, got {x.size(-1)}"
-    if why is None:
-        return True
-    if impl == "triton":
-        raise TypeError(why) if x.dtype not in _KERNEL_DTYPES else ValueError(why)
-    return False
 
 
 def rms_norm(x: torch.Tensor, eps: float | None = None, *, impl: str = "auto") -> torch.Tensor:
@@ -243,7 +215,7 @@ def rms_norm(x: torch.Tensor, eps: float | None = None, *, impl: str = "auto") -
     check_eps(eps)
     if x.size(-1) == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if not _use_kernel(impl, x):
+    if not use_kernel(impl, x, unsupported=_no_kernel_reason(x)):
         return rms_norm_ref(x, eps)
     return _RMSNorm.apply(x, _default_eps(eps))
 
@@ -273,6 +245,19 @@ def mix_rms_norm(
         raise TypeError(f"x and x0 must have the same dtype, got {x.dtype} and {x0.dtype}")
     if x.size(-1) == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if not _use_kernel(impl, x, x0, a, b):
+    if not use_kernel(impl, x, x0, a, b, unsupported=_no_kernel_reason(x)):
         return mix_rms_norm_ref(x, x0, a, b, eps)
     return _MixRMSNorm.apply(x, x0, a, b, _default_eps(eps))
+
+
+def rms_norm_ref(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm; same semantics (and dtype handling) as ``F.rms_norm`` over the last dim."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def mix_rms_norm_ref(
+    x: torch.Tensor, x0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: h = a*x + b*x0 with a, b cast to x's dtype (as the model writes it); (h, rms_norm(h))."""
+    h = a.to(x.dtype) * x + b.to(x.dtype) * x0
+    return h, rms_norm_ref(h, eps)

@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, resolve_impl
+from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._launch import last_dim_contiguous, num_warps_for
 from kernels.rms_norm import rms_norm_ref
 
-_TRITON_AVAILABLE = True
+__all__ = ["apply_rope", "apply_rope_ref", "rope_qk_norm", "rope_qk_norm_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels do float32 math
 _MAX_TILE = 16384  # heads x D elements of one token held in registers; bigger runs the reference under "auto"
 
@@ -180,11 +181,6 @@ def _rope_qk_norm_bwd_kernel(
                         BLOCK_HALF)
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # The kernels index B, T and heads by stride but read D with unit stride (vector loads): copy only if not.
-    return x if x.stride(-1) == 1 or x.size(-1) == 1 else x.contiguous()
-
-
 def _bth(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -198,19 +194,19 @@ def _bt(table: torch.Tensor) -> tuple[int, int]:
 def _meta(h: int, hkv: int, half: int) -> dict:
     bh, bk, bhalf = triton.next_power_of_2(h), triton.next_power_of_2(hkv), triton.next_power_of_2(half)
     tile = max(bh, bk) * bhalf * 2
-    return {"BLOCK_H": bh, "BLOCK_HKV": bk, "BLOCK_HALF": bhalf, "num_warps": min(16, max(1, tile // 512))}
+    return {"BLOCK_H": bh, "BLOCK_HKV": bk, "BLOCK_HALF": bhalf, "num_warps": num_warps_for(tile)}
 
 
 def _rope_fwd(q, k, cos, sin, *, norm: bool, scale: float = 1.0, transpose: bool = False):
     """Launch the forward for q (and k when not None). Returns (q_out, k_out, q_rstd, k_rstd); k_out and the
     rstds are None where not computed. Usable without autograd (inference)."""
-    q, cos, sin = _unit_last(q), _unit_last(cos), _unit_last(sin)
+    q, cos, sin = last_dim_contiguous(q), last_dim_contiguous(cos), last_dim_contiguous(sin)
     B, T, H, D = q.shape
     qo = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     qr = torch.empty((B * T, H), dtype=torch.float32, device=q.device) if norm else qo
     ko, kr = None, None
     if k is not None:
-        k = _unit_last(k)
+        k = last_dim_contiguous(k)
         ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         kr = torch.empty((B * T, k.size(2)), dtype=torch.float32, device=q.device) if norm else ko
     hkv = k.size(2) if k is not None else 1
@@ -223,59 +219,6 @@ def _rope_fwd(q, k, cos, sin, *, norm: bool, scale: float = 1.0, transpose: bool
             HALF=D // 2, HAS_K=k is not None, NORM=norm, TRANSPOSE=transpose, **_meta(H, hkv, D // 2),
         )
     return qo, ko, (qr if norm else None), (kr if norm and k is not None else None)
-
-
-class _ApplyRope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope_fwd(x, None, cos, sin, norm=False)[0]
-
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _rope_fwd(dy, None, cos, sin, norm=False, transpose=True)[0], None, None
-
-
-class _RopeQKNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, scale: float):
-        qo, ko, qr, kr = _rope_fwd(q, k, cos, sin, norm=True, scale=scale)
-        ctx.save_for_backward(qo, ko, qr, kr, cos, sin)
-        ctx.scale = scale
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, dqo, dko):
-        qo, ko, qr, kr, cos, sin = ctx.saved_tensors
-        dqo, dko, cos, sin = _unit_last(dqo), _unit_last(dko), _unit_last(cos), _unit_last(sin)
-        B, T, H, D = qo.shape
-        dq, dk = torch.empty_like(qo), torch.empty_like(ko)
-        if B * T and H:
-            _rope_qk_norm_bwd_kernel[(B * T,)](
-                dqo, dko, qo, ko, qr, kr, cos, sin, dq, dk, T, H, ko.size(2),
-                *_bth(dqo), *_bth(dko), *_bt(cos), *_bt(sin), ctx.scale,
-                HALF=D // 2, **_meta(H, ko.size(2), D // 2),
-            )
-        return dq, dk, None, None, None
-
-
-def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch RoPE. x (B, T, H, D); cos, sin broadcastable to (B, T, H, D/2). Returns x's dtype."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = -x1 * sin + x2 * cos
-    return torch.cat([y1, y2], dim=-1).to(x.dtype)
-
-
-def rope_qk_norm_ref(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch RoPE, then RMSNorm over head_dim (default eps), then ``* scale``, for q and k."""
-    q = rms_norm_ref(apply_rope_ref(q, cos, sin)) * scale
-    k = rms_norm_ref(apply_rope_ref(k, cos, sin)) * scale
-    return q, k
 
 
 def _check_rope_inputs(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -305,21 +248,48 @@ def _check_rope_inputs(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch
         )
 
 
-def _use_kernel(impl: str, x: torch.Tensor, *tensors: torch.Tensor, heads: int) -> bool:
-    """Resolve impl; a kernel-less case (float64, a token too big for registers) runs the reference unless
-    impl="triton", which raises instead."""
-    if resolve_impl(impl, x, *tensors, available=_TRITON_AVAILABLE) == "torch":
-        return False
+def _no_kernel_reason(name: str, x: torch.Tensor, heads: int) -> Exception | None:
+    """Why the kernels cannot take x (float64, a token too big for registers), or None."""
     tile = triton.next_power_of_2(heads) * triton.next_power_of_2(x.size(-1))
-    if x.dtype not in _KERNEL_DTYPES:
-        if impl == "triton":
-            raise TypeError(f"the Triton kernel takes {', '.join(map(str, _KERNEL_DTYPES))} inputs, got {x.dtype}")
-        return False
     if tile > _MAX_TILE:
-        if impl == "triton":
-            raise ValueError(f"the Triton kernel takes at most {_MAX_TILE} (padded heads x D) per token, got {tile}")
-        return False
-    return True
+        return ValueError(f"the Triton kernel takes at most {_MAX_TILE} (padded heads x D) per token, got {name} "
+                          f"with {tile}")
+    return dtype_error(name, x, _KERNEL_DTYPES)
+
+
+class _ApplyRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_fwd(x, None, cos, sin, norm=False)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_fwd(dy, None, cos, sin, norm=False, transpose=True)[0], None, None
+
+
+class _RopeQKNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, scale: float):
+        qo, ko, qr, kr = _rope_fwd(q, k, cos, sin, norm=True, scale=scale)
+        ctx.save_for_backward(qo, ko, qr, kr, cos, sin)
+        ctx.scale = scale
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        qo, ko, qr, kr, cos, sin = ctx.saved_tensors
+        dqo, dko, cos, sin = (last_dim_contiguous(t) for t in (dqo, dko, cos, sin))
+        B, T, H, D = qo.shape
+        dq, dk = torch.empty_like(qo), torch.empty_like(ko)
+        if B * T and H:
+            _rope_qk_norm_bwd_kernel[(B * T,)](
+                dqo, dko, qo, ko, qr, kr, cos, sin, dq, dk, T, H, ko.size(2),
+                *_bth(dqo), *_bth(dko), *_bt(cos), *_bt(sin), ctx.scale,
+                HALF=D // 2, **_meta(H, ko.size(2), D // 2),
+            )
+        return dq, dk, None, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -331,7 +301,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: s
     Differentiable in x (the kernel path treats cos and sin as constants).
     """
     _check_rope_inputs("x", x, cos, sin)
-    if not _use_kernel(impl, x, cos, sin, heads=x.size(2)):
+    if not use_kernel(impl, x, cos, sin, unsupported=_no_kernel_reason("x", x, x.size(2))):
         return apply_rope_ref(x, cos, sin)
     return _ApplyRope.apply(x, cos, sin)
 
@@ -356,6 +326,24 @@ def rope_qk_norm(
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     _check_rope_inputs("q", q, cos, sin)
     _check_rope_inputs("k", k, cos, sin)
-    if not _use_kernel(impl, q, k, cos, sin, heads=max(q.size(2), k.size(2))):
+    if not use_kernel(impl, q, k, cos, sin, unsupported=_no_kernel_reason("q", q, max(q.size(2), k.size(2)))):
         return rope_qk_norm_ref(q, k, cos, sin, scale)
     return _RopeQKNorm.apply(q, k, cos, sin, float(scale))
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch RoPE. x (B, T, H, D); cos, sin broadcastable to (B, T, H, D/2). Returns x's dtype."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = -x1 * sin + x2 * cos
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+def rope_qk_norm_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch RoPE, then RMSNorm over head_dim (default eps), then ``* scale``, for q and k."""
+    q = rms_norm_ref(apply_rope_ref(q, cos, sin)) * scale
+    k = rms_norm_ref(apply_rope_ref(k, cos, sin)) * scale
+    return q, k

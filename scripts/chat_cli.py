@@ -60,15 +60,14 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(base_dir)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    impl = args.impl if args.impl != "auto" else ("triton" if device.type == "cuda" else "torch")
-    model, meta = load_model(ckpt_dir, args.step, device=device, impl=impl)
+    model, meta = load_model(ckpt_dir, args.step, device=device, impl=args.impl)
     model.eval()
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir / "tokenizer")
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
                          f"{model.config.vocab_size}: pass the matching --tokenizer-dir")
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,
-                    impl="auto" if args.impl == "auto" else impl)
+                    impl=model.impl)
     return engine, tokenizer, f"{ckpt_dir} step {meta.get('step')} on {device}"
 
 

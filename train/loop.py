@@ -17,6 +17,7 @@ from engine.engine import Engine, SamplingParams
 from engine.gpt import GPT, build_model
 from engine.paths import get_base_dir
 from engine.tokenizer import Tokenizer, load_token_bytes
+from kernels import resolve_impl
 from train import data
 from train.config import TrainConfig, TrainPlan, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay
 from train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
@@ -44,14 +45,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
     return dtypes[name]
-
-
-def resolve_impl(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name not in ("torch", "triton"):
-        raise ValueError(f"--impl must be auto, torch or triton; got {name!r}")
-    return name
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -121,7 +114,7 @@ def evaluate_bpb(model: GPT, batches, num_steps: int, token_bytes: torch.Tensor,
 @torch.no_grad()
 def sample(model: GPT, tokenizer: Tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 32, seed: int = 42) -> list[str]:
     """Continue each prompt (one batched run of the inference engine); stops at <|bos|>."""
-    engine = Engine(model, tokenizer, max_batch_size=len(prompts), impl="torch" if model.impl == "torch" else "auto")
+    engine = Engine(model, tokenizer, max_batch_size=len(prompts), impl=model.impl)
     bos = tokenizer.get_bos_token_id()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.7, top_k=40, seed=seed)
     gens = engine.generate([tokenizer.encode(p, prepend=bos) for p in prompts], params)
@@ -154,7 +147,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         device = torch.device("cuda", info.local_rank)
     say = print if info.is_main and not cfg.quiet else (lambda *a, **k: None)
     dtype = resolve_dtype(cfg.dtype, device)
-    impl = resolve_impl(cfg.impl, device)
+    impl = resolve_impl(cfg.impl, device)  # once, for the model and the optimizer alike
     base_dir = Path(cfg.base_dir or get_base_dir())
     tokenizer, token_bytes = load_tokenizer(base_dir)
     token_bytes = token_bytes.to(device)
@@ -179,7 +172,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             torch.distributed.broadcast(t, src=0)
     opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
                                        plan.matrix_weight_decay, plan.lr_scale),
-                    impl="auto" if impl == "triton" else "torch", rank=info.rank, world_size=info.world_size)
+                    impl=impl, rank=info.rank, world_size=info.world_size)
     step, loader_state, loop_state = 0, None, {"total_time": 0.0, "smooth_loss": None}
     if cfg.resume_from_step >= 0:
         model_state, optim_state, meta = load_checkpoint(run_dir, cfg.resume_from_step, device=device,

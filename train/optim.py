@@ -27,7 +27,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
                  rank: int = 0, world_size: int = 1) -> None:
         """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere).
-        impl: "torch" runs the PyTorch reference math, "auto" the fused Triton kernels on CUDA tensors."""
+        impl: "auto" | "torch" | "triton" (kernels.resolve_impl), resolved once here for the parameters' device:
+        "torch" runs the PyTorch reference math, "triton" the fused Triton kernels."""
         for g in param_groups:
             if g.get("kind") not in ("adamw", "muon"):
                 raise ValueError(f"each param group needs kind 'adamw' or 'muon', got {g.get('kind')!r}")
@@ -38,7 +39,9 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults)
         if world_size > 1 and not dist.is_initialized():
             raise ValueError("world_size > 1 needs an initialized torch.distributed process group")
-        self.ns_dtype, self.impl, self.rank, self.world_size = ns_dtype, impl, rank, world_size
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        self.impl = kernels.resolve_impl(impl, device)
+        self.ns_dtype, self.rank, self.world_size = ns_dtype, rank, world_size
 
     def _sharded(self, p: torch.Tensor) -> bool:
         W = self.world_size

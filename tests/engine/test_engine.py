@@ -85,6 +85,33 @@ def test_paged_kernel_path_in_interpreter(model):
     assert [g.tokens for g in got] == want
 
 
+def test_bf16_engine_under_interpreter_follows_fp32():
+    """The engine in bf16 (bf16 embeddings and activations, a bf16 page pool, the paged kernel in the
+    interpreter) picks the fp32 engine's greedy tokens wherever fp32's choice is not a near-tie: bf16 rounds
+    activations to 2^-8 relative, which can only flip an argmax whose margin is of that order. A kernel that
+    computed garbage in bf16 would drift at once (and typically repeat one token forever)."""
+    import copy
+
+    model = random_gpt()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # wider logit gaps (the softcap saturates beyond this)
+    prompt, n = PROMPTS[0], 12
+    params = SamplingParams(max_tokens=n, temperature=0.0, stop_tokens=())
+    fp32 = Engine(model, page_size=16, max_batch_size=1, max_seq_len=64, impl="triton").generate([prompt], params)
+    want = fp32[0].tokens
+    with torch.no_grad():  # fp32 margins between the two best logits along fp32's own path
+        top2 = model(torch.tensor([prompt + want[:-1]]))[0, len(prompt) - 1:].topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    decisive = next((i for i, m in enumerate(margins) if m < 0.2), n)
+    assert decisive >= 8 and len(set(want[:decisive])) > 1, (margins, want)  # the comparison means something
+    m16 = copy.deepcopy(model)
+    m16.set_compute_dtype(torch.bfloat16)
+    engine = Engine(m16, page_size=16, max_batch_size=1, max_seq_len=64, impl="triton")
+    assert engine.cache.k.dtype == torch.bfloat16
+    got = engine.generate([prompt], params)[0].tokens
+    assert got[:decisive] == want[:decisive], (got, want, margins)
+
+
 def test_sampling_is_seeded_and_batch_independent(model):
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
     params = [SamplingParams(max_tokens=12, temperature=1.5, top_k=k, top_p=p, seed=s, stop_tokens=())

@@ -1,48 +1,59 @@
-"""resolve_impl and the impl= keyword of every public op."""
+"""resolve_impl, use_kernel and the impl= keyword of every public op."""
 
 import pytest
 import torch
 
 import kernels
 from kernels import resolve_impl
+from kernels._dispatch import use_kernel
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def test_resolve_torch_always_reference(monkeypatch):
+def test_resolve_names_pass_through(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl("torch", _rand(3), available=True) == "torch"
-    assert resolve_impl("torch", _rand(3), available=False) == "torch"
+    assert resolve_impl("torch", "cpu") == "torch"
+    assert resolve_impl("triton", "cpu") == "triton"
+    assert resolve_impl("torch", torch.device("cuda", 3)) == "torch"
 
 
-def test_resolve_auto_cpu(monkeypatch):
+def test_resolve_auto_by_device(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    x = _rand(3)
-    assert resolve_impl("auto", x, available=True) == "torch"
-    assert resolve_impl("auto", x, available=False) == "torch"
+    assert resolve_impl("auto", "cpu") == "torch"
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"  # no CUDA needed: it only reads the type
+    assert resolve_impl("auto", "meta") == "torch"
 
 
 def test_resolve_auto_reads_env_at_call_time(monkeypatch):
-    x = _rand(3)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl("auto", x, None, available=True) == "triton"
-    assert resolve_impl("auto", x, available=False) == "torch"
+    assert resolve_impl("auto", "cpu") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert resolve_impl("auto", x, available=True) == "torch"
+    assert resolve_impl("auto", "cpu") == "torch"
 
 
-def test_resolve_triton_without_kernel_raises():
-    with pytest.raises(NotImplementedError, match="no Triton kernel"):
-        resolve_impl("triton", _rand(3), available=False)
-    assert resolve_impl("triton", _rand(3), available=True) == "triton"
-
-
-@pytest.mark.parametrize("impl", ["bogus", "Torch", "", "cuda"])
+@pytest.mark.parametrize("impl", ["bogus", "Torch", "", "cuda", None, 1])
 def test_resolve_unknown_impl(impl):
     with pytest.raises(ValueError, match="impl must be one of"):
-        resolve_impl(impl, _rand(3), available=True)
+        resolve_impl(impl, "cpu")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        use_kernel(impl, _rand(3))
+
+
+def test_use_kernel_decides_per_call(monkeypatch):
+    x = _rand(3)
+    why = TypeError("the Triton kernel takes x in torch.float32, got torch.float64")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_kernel("auto", x) and use_kernel("triton", x, None)
+    assert not use_kernel("torch", x)
+    assert not use_kernel("auto", x, unsupported=why)  # auto falls back to the reference
+    with pytest.raises(TypeError, match="takes x in"):
+        use_kernel("triton", x, unsupported=why)  # triton says why it cannot
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not use_kernel("auto", x)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        use_kernel("triton", x)  # a CPU tensor without the interpreter: no kernel can run there
 
 
 def _calls():
@@ -72,12 +83,7 @@ def test_public_ops_impl_keyword(op, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton kernel, where one exists, runs in the interpreter
     ref = call("torch")
     torch.testing.assert_close(call("auto"), ref, rtol=1e-4, atol=1e-4)
-    try:
-        out = call("triton")
-    except NotImplementedError:  # no kernel for this op (yet)
-        pass
-    else:
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(call("triton"), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="impl must be one of"):
         call("bogus")
 

@@ -167,7 +167,7 @@ def test_mix_rms_norm_bad_inputs():
         mix_rms_norm(x, x0, 1.0, b)
     with pytest.raises(TypeError, match="floating"):
         mix_rms_norm(x, x0, a, torch.tensor(1))
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(ValueError, match="CPU or CUDA tensor"):
         mix_rms_norm(x, x0, a, torch.tensor(0.5, device="meta"))
     with pytest.raises(ValueError, match="eps"):
         mix_rms_norm(x, x0, a, b, eps=-1.0)

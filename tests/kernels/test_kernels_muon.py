@@ -275,7 +275,7 @@ def test_bad_inputs():
         muon_pre(G.mT.contiguous().mT, buf, 0.9)
     with pytest.raises(TypeError, match="out_dtype"):
         muon_pre(G, buf, 0.9, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(ValueError, match="CPU or CUDA tensor"):
         muon_pre(G, torch.zeros(2, 8, 6, device="meta"), 0.9)
     with pytest.raises(ValueError, match=r"\(2, 8, 1\)"):  # tall: NorMuon reduces over rows -> one value per row
         muon_post(G, buf.clone(), torch.zeros(2, 1, 6), 0.02, 0.1, 0.9)

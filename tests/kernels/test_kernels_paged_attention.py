@@ -87,6 +87,19 @@ def test_paged_attention_fp16_and_scale():
     torch.testing.assert_close(got.float(), expect, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("seq_lens,q_lens,tq,h,hkv,d,page_size,window,num_splits", [CASES[1], CASES[4], CASES[5]])
+def test_paged_attention_bf16_matches_reference(seq_lens, q_lens, tq, h, hkv, d, page_size, window, num_splits):
+    """bf16 pages and queries (the engine's dtype on a GPU) through the kernel, in the interpreter too: the
+    kernel's tl.dot gets fp32 operands there (kernels._launch.dot_meta). Against the fp32 reference on the same
+    bf16 values: P is rounded to bf16 before the P V product and the output once, so 2^-7 relative is the bound."""
+    case = make_case(seq_lens, q_lens, tq, h, hkv, d, page_size, dtype=torch.bfloat16, seed=sum(seq_lens) + 1)
+    q, kp, vp, bt, sl, ql, _ = case
+    got = paged_attention(q, kp, vp, bt, sl, ql, window=window, num_splits=num_splits, impl="triton")
+    assert got.dtype == torch.bfloat16
+    expect = paged_attention_ref(q.float(), kp.float(), vp.float(), bt, sl, ql, window=window)
+    torch.testing.assert_close(got.float(), expect, rtol=2**-7, atol=2**-7)
+
+
 def test_paged_attention_default_q_lens_is_full_rows():
     q, kp, vp, bt, sl, ql, dense = make_case([12, 20], [4, 4], 4, 2, 2, 16, 16, seed=9)
     got = paged_attention(q, kp, vp, bt, sl, window=5, impl="triton")
@@ -146,7 +159,7 @@ def test_bad_inputs():
         paged_attention(q, kp, vp, bt, sl, window=-1)
     with pytest.raises(ValueError, match="num_splits"):
         paged_attention(q, kp, vp, bt, sl, num_splits=0)
-    with pytest.raises(ValueError, match="same device"):
+    with pytest.raises(ValueError, match="CPU or CUDA tensor"):
         paged_attention(q, kp, vp, bt.to("meta"), sl)
     k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
     with pytest.raises(ValueError, match="slots"):

@@ -146,7 +146,7 @@ def test_triton_steps_strides_and_2d():
 
 def test_triton_dispatch_rules():
     g = _rand(2, 9, 13, seed=11).float()
-    with pytest.raises(TypeError, match="supports"):
+    with pytest.raises(TypeError, match="takes g in"):
         polar_express(g.double(), impl="triton")
     with pytest.raises(TypeError, match="backward"):
         polar_express(g.clone().requires_grad_(), impl="triton")

@@ -33,7 +33,7 @@ def workspace(tmp_path_factory):
 
 
 def config(workspace, run_dir, **kw) -> TrainConfig:
-    defaults = dict(depth=1, max_seq_len=32, device_batch_size=2, total_batch_size=128, num_iterations=6,
+    defaults = dict(impl="torch", depth=1, max_seq_len=32, device_batch_size=2, total_batch_size=128, num_iterations=6,
                     eval_every=3, eval_tokens=128, save_every=3, data=str(workspace / "data"),
                     base_dir=str(workspace), run_dir=str(run_dir), quiet=True, device="cpu")
     defaults.update(kw)
