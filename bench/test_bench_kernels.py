@@ -228,7 +228,7 @@ def build_cases(full: bool) -> list[Case]:
              lambda m: ("bytes", (1 if m == "fwd" else 2) * n * v * s),
              "fwd reads the logits: N*V*s; fwd+bwd also writes their gradient: 2*N*V*s", diff=(0,), tol=1e-2),
         Case("linear_softcap_ce", f"N{n}xC{c}xV{v}", _linear_ce(n, c, v),
-             _family("kernels.cross_entropy", "linear_softcap_cross_entropy_ref", "linear_softcap_cross_entropy",
+             _family("kernels.linear_cross_entropy", "linear_softcap_cross_entropy_ref", "linear_softcap_cross_entropy",
                      liger_linear_softcap_ce),
              lambda m: ("flops", (2 if m == "fwd" else 6) * n * c * v),
              "fwd logits 2*N*V*C; bwd grad_x and grad_W +4*N*V*C", diff=(0, 1)),

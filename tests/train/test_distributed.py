@@ -24,8 +24,8 @@ from train.optim import MuonAdamW, build_param_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "ranks share the batch and each one owns half of the optimizer state for its matrices".split()
-ARGS = dict(impl="torch", depth=3, max_seq_len=32, device_batch_size=2, total_batch_size=256, num_iterations=4, eval_every=2,
-            eval_tokens=128, seed=3)
+ARGS = dict(impl="torch", depth=3, max_seq_len=32, device_batch_size=2, total_batch_size=256, num_iterations=4,
+            eval_every=2, eval_tokens=128, seed=3)
 
 
 def make_docs(n, seed):
