@@ -12,8 +12,9 @@ muon_pre is two launches: (1) the momentum update, written back, and each row's 
 equilibrated X, recomputing G' from G and the new buffer rather than keeping an fp32 temporary. Per element (fp32
 G): (1) reads G, buf, writes buf; (2) reads G, buf, writes X: 16 bytes read, 6 written with a bf16 X.
 muon_post never forms the scaled X: every factor above is a per-line (row or column) scale, so (3) sums X^2 per
-line, (4) one small program per matrix turns those sums into buf2 and the per-line factor, and (5) one elementwise
-pass applies the update. Per element (bf16 X): reads X twice and P once, writes P: 8 bytes read, 4 written.
+line (relative to the line's max |X|, so that no finite X overflows: the step does not depend on X's scale), (4) one
+small program per matrix turns those sums into buf2 and the per-line factor, and (5) one elementwise pass applies
+the update. NaN or inf anywhere in a matrix of X makes that matrix's parameters and buf2 NaN, on both paths. Per element (bf16 X): reads X twice and P once, writes P: 8 bytes read, 4 written.
 AdamW is one elementwise launch per tensor: reads p, g, m, v, writes p, m, v (28 bytes per fp32 element).
 
 Every function here writes its state arguments IN PLACE (momentum_buf; params_stack and second_buf; p, exp_avg,
@@ -113,53 +114,75 @@ def _equilibrate_kernel(
 @triton.jit
 def _line_sumsq_kernel(
     x_ptr,  # (K, m, n) contiguous, viewed as K x L lines of R elements through the strides below
-    q_ptr,  # (K, L) fp32 out: sum of x^2 along each line
+    q_ptr,  # (K, L) fp32 out: sum of (x / lmax)^2 along each line (0 for an all-zero line)
+    lmax_ptr,  # (K, L) fp32 out: max |x| along each line
     L, R,  # lines per matrix, elements per line (L R = m n)
     stride_l, stride_r,  # (n, 1) for row lines, (1, n) for column lines
     BLOCK_L: tl.constexpr,  # lines per program
     BLOCK_R: tl.constexpr,  # elements per line per loop iteration
 ):
+    # Squares of x / (running line max), rescaled as the max grows: no overflow for any finite x, while NaN or
+    # inf in a line makes its sum NaN.
     pid, bk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     lines = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     base = x_ptr + bk * L * R + lines[:, None] * stride_l
-    acc = tl.zeros((BLOCK_L, BLOCK_R), dtype=tl.float32)
+    big = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         x = tl.load(base + rs[None, :] * stride_r, mask=(lines[:, None] < L) & (rs[None, :] < R), other=0.0)
         x = x.to(tl.float32)
-        acc += x * x
-    tl.store(q_ptr + bk * L + lines, tl.sum(acc, axis=1), mask=lines < L)
+        new = tl.maximum(big, tl.max(tl.abs(x), axis=1))
+        safe = tl.where(new > 0.0, new, 1.0)
+        y = x / safe[:, None]
+        acc = acc * ((big / safe) * (big / safe)) + tl.sum(y * y, axis=1)
+        big = new
+    tl.store(q_ptr + bk * L + lines, acc, mask=lines < L)
+    tl.store(lmax_ptr + bk * L + lines, big, mask=lines < L)
 
 
 @triton.jit
 def _normuon_kernel(
-    q_ptr,  # (K, L) fp32 line sums of X^2 (X = the Polar-Express output)
+    q_ptr,  # (K, L) fp32 line sums of (X / lmax)^2 (X = the Polar-Express output)
+    lmax_ptr,  # (K, L) fp32 line maxima of |X|
     buf2_ptr,  # (K, L) fp32 second-moment buffer, updated in place
-    coef_ptr,  # (K, L) fp32 out: c1 * s_l, the Muon+ factor times the line's NorMuon scale
+    coef_ptr,  # (K, L) fp32 out: the factor of each line that turns X into the Muon+ X1, times its NorMuon scale
     ratio_ptr,  # (K,) fp32 out: ||X1||_F / ||X1 s||_F, the norm-preserving factor
     L, R,  # lines per matrix, elements per line
     sqrt_min,  # sqrt(min(m, n)), the Muon+ target norm
     w2,  # 1 - beta2
     BLOCK: tl.constexpr,  # lines per loop iteration
 ):
+    # Everything is computed for Xn = X / M, M = max |X| over the matrix (the result does not depend on X's
+    # scale, and Xn's squares cannot overflow); NaN anywhere in X reaches every output of its matrix, as in
+    # the reference (hence the NaN-propagating maxima).
     bk = tl.program_id(0).to(tl.int64)
+    big = tl.zeros((BLOCK,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK):
+        ls = l0 + tl.arange(0, BLOCK).to(tl.int64)
+        big = tl.maximum(big, tl.load(lmax_ptr + bk * L + ls, mask=ls < L, other=0.0))
+    M = tl.max(big, axis=0)
+    inv = tl.where(M > 0.0, 1.0 / M, 0.0)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK):
         ls = l0 + tl.arange(0, BLOCK).to(tl.int64)
-        acc += tl.load(q_ptr + bk * L + ls, mask=ls < L, other=0.0)
-    f0 = tl.sqrt(tl.sum(acc, axis=0))
-    c1 = sqrt_min / tl.maximum(f0, 1e-12)  # X1 = c1 X has norm sqrt(min(m, n))
+        r = tl.load(lmax_ptr + bk * L + ls, mask=ls < L, other=0.0) * inv
+        acc += tl.load(q_ptr + bk * L + ls, mask=ls < L, other=0.0) * (r * r)
+    f0 = tl.sqrt(tl.sum(acc, axis=0))  # ||Xn||_F
+    c1 = sqrt_min / tl.maximum(f0, 1e-12, propagate_nan=tl.PropagateNan.ALL)  # X1 = c1 Xn has norm sqrt(min(m, n))
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK):
         ls = l0 + tl.arange(0, BLOCK).to(tl.int64)
         mask = ls < L
-        q1 = tl.load(q_ptr + bk * L + ls, mask=mask, other=0.0) * (c1 * c1)  # line sums of X1^2
+        r = tl.load(lmax_ptr + bk * L + ls, mask=mask, other=0.0) * (inv * c1)
+        q1 = tl.load(q_ptr + bk * L + ls, mask=mask, other=0.0) * (r * r)  # line sums of X1^2
         buf2 = _lerp(tl.load(buf2_ptr + bk * L + ls, mask=mask, other=0.0), q1 / R, w2)
         tl.store(buf2_ptr + bk * L + ls, buf2, mask=mask)
-        s = tl.rsqrt(tl.maximum(buf2, 1e-10))
+        s = tl.rsqrt(tl.maximum(buf2, 1e-10, propagate_nan=tl.PropagateNan.ALL))
         acc += tl.where(mask, s * s * q1, 0.0)
-        tl.store(coef_ptr + bk * L + ls, c1 * s, mask=mask)
-    tl.store(ratio_ptr + bk, (c1 * f0) / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12))
+        tl.store(coef_ptr + bk * L + ls, (inv * c1) * s, mask=mask)
+    norm_s = tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(ratio_ptr + bk, (c1 * f0) / norm_s)
 
 
 @triton.jit
@@ -303,12 +326,13 @@ def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Ten
     L, R = (m, n) if row_lines else (n, m)
     stride_l, stride_r = (n, 1) if row_lines else (1, n)
     q = torch.empty((K, L), dtype=torch.float32, device=X.device)
+    lmax = torch.empty_like(q)
     coef = torch.empty_like(q)
     ratio = torch.empty((K,), dtype=torch.float32, device=X.device)
     bc, bo = _tile(R if row_lines else L, L if row_lines else R, cuda)
     bl, br = (bo, bc) if row_lines else (bc, bo)
-    _line_sumsq_kernel[(triton.cdiv(L, bl), K)](X, q, L, R, stride_l, stride_r, BLOCK_L=bl, BLOCK_R=br)
-    _normuon_kernel[(K,)](q, second_buf, coef, ratio, L, R, math.sqrt(min(m, n)), float(1 - beta2),
+    _line_sumsq_kernel[(triton.cdiv(L, bl), K)](X, q, lmax, L, R, stride_l, stride_r, BLOCK_L=bl, BLOCK_R=br)
+    _normuon_kernel[(K,)](q, lmax, second_buf, coef, ratio, L, R, math.sqrt(min(m, n)), float(1 - beta2),
                           BLOCK=min(1024, triton.next_power_of_2(L)))
     lr_eff = float(lr * math.sqrt(max(1.0, m / n)))
     block = _elementwise_block(m * n, cuda)
@@ -371,6 +395,10 @@ def muon_post_ref(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch
     """Reference of `muon_post`: train/optim.py's Muon steps 4-6. Updates params_stack and second_buf in place."""
     m, n = X.shape[-2:]
     X = X.float()
+    # The result does not depend on X's scale: work on X / max|X| (no overflow in the squares for any finite X;
+    # NaN or inf in a matrix gives NaN for all of its outputs).
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    X = X / torch.where(amax > 0, amax, 1.0)
     X = X * (math.sqrt(min(m, n)) / _frob(X).clamp_min(1e-12))
     v = X.square().mean(dim=-1 if m >= n else -2, keepdim=True)
     second_buf.lerp_(v, 1 - beta2)
