@@ -254,7 +254,8 @@ def flash_attention_ref(
         vt = vt.repeat_interleave(h // hkv, dim=1)
     if not causal:
         y = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-    elif tq == tk and (window is None or window >= tk - 1):
+    elif tq == tk and (window is None or window >= tk - 1) and (scale is None or scale > 0):
+        # SDPA's is_causal path returns NaN for scale <= 0 (the explicit mask below does not)
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     else:
         mask = attention_mask(tq, tk, window, device=q.device)
