@@ -95,7 +95,10 @@ def check_tensor(
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    """Raise ValueError unless all named tensors live on one device, a CPU or CUDA one."""
+    """Raise TypeError unless all are tensors, ValueError unless they live on one device, a CPU or CUDA one."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {name: t.device for name, t in tensors.items()}
     for name, dev in devices.items():
         if dev.type not in ("cpu", "cuda"):
@@ -111,3 +114,23 @@ def check_eps(eps: float | None) -> None:
         isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0
     ):
         raise ValueError(f"eps must be None or a finite non-negative float, got {eps!r}")
+
+
+def check_number(name: str, v: object, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, nonzero: bool = False) -> float:
+    """``v`` as a float; TypeError unless a real number (not a bool), ValueError unless finite and in bounds."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if ok and nonzero:
+        ok = v != 0
+    if not ok:
+        bounds = [f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []
+        bounds += [f"{'<' if hi_open else '<='} {hi}"] if hi is not None else []
+        bounds += ["!= 0"] if nonzero else []
+        raise ValueError(f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {v!r}")
+    return float(v)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
 from kernels._launch import autotune, dot_meta, last_dim_contiguous
 from kernels.flash_attention_kernels import (
     attn_bwd_delta_kernel,
@@ -227,8 +227,12 @@ def flash_attention(
             raise ValueError(f"window must be None or an int >= 0, got {window!r}")
         if not causal:
             raise ValueError("a sliding window requires causal=True")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    if scale is not None:
+        check_number("scale", scale)  # any finite value: scale <= 0 is a softmax like any other
+    if q.size(3) == 0:
+        raise ValueError(f"q, k, v must have head_dim >= 1, got shape {tuple(q.shape)}")
+    if k.size(1) == 0 and q.size(1) > 0:
+        raise ValueError("attention needs at least one key: k and v have Tk = 0 keys")
     _check_config(config)
     if use_kernel(impl, q, k, v, unsupported=_no_kernel_reason(q, k)):
         sm_scale = 1.0 / math.sqrt(q.size(3)) if scale is None else float(scale)
@@ -257,7 +261,10 @@ def flash_attention_ref(
     elif tq == tk and (window is None or window >= tk - 1) and (scale is None or scale > 0):
         # SDPA's is_causal path returns NaN for scale <= 0 (the explicit mask below does not)
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
+    else:  # an explicit masked softmax: SDPA adds a boolean mask as -inf, so an inf score at a masked key is NaN
         mask = attention_mask(tq, tk, window, device=q.device)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        sm = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+        f = torch.promote_types(q.dtype, torch.float32)  # fp32 math for 16-bit inputs, float64 stays float64
+        s = (qt.to(f) @ kt.to(f).transpose(-2, -1)) * sm
+        y = (torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ vt.to(f)).to(q.dtype)
     return y.transpose(1, 2)

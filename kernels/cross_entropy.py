@@ -24,6 +24,8 @@ can overflow it, switching to its Taylor series below |u| = 1/8 where 1 - e woul
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -116,6 +118,7 @@ def _softcap_ce_kernel(
             else:
                 slope = 1.0
             g = (tl.exp(z - m) - tl.where(idx == target, s, 0.0)) * (scale * slope)  # s*(p - onehot) * scale/s
+            g = tl.where(counted, g, 0.0)  # an ignored row gets exact zeros, whatever its logits (NaN included)
             tl.store(g_row + idx, g.to(GRAD.dtype.element_ty), mask=mask)
 
 
@@ -183,8 +186,9 @@ def check_ce_args(
     softcap: float | None,
     ignore_index: int,
     reduction: str,
-    check_targets: bool = True,
+    vocab_name: str = "logits (last dim)",
 ) -> None:
+    """The argument checks shared by both cross-entropies (values of the targets: ``check_target_values``)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -195,13 +199,22 @@ def check_ce_args(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and softcap < 0:
-        raise ValueError(f"softcap must be None, 0 (disabled) or positive, got {softcap!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__} {softcap!r}")
+        if not math.isfinite(softcap) or softcap < 0:
+            raise ValueError(f"softcap must be None, 0 (disabled) or a finite positive number, got {softcap!r}")
     if vocab < 1:
-        raise ValueError("the vocabulary (last dim of the logits) must be non-empty")
+        raise ValueError(f"the vocabulary must be non-empty: {vocab_name} has size 0")
+
+
+def check_target_values(targets: torch.Tensor, vocab: int, ignore_index: int, check_targets: bool) -> None:
+    """Every target in [0, vocab) or ignore_index: one host sync on CUDA (call it after the device check)."""
     if not check_targets or torch.compiler.is_compiling():
         return
-    # One host sync: an out-of-range target would otherwise be a device-side assert or silent garbage.
+    # An out-of-range target would otherwise be a device-side assert or silent garbage.
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
@@ -263,8 +276,9 @@ def softcap_cross_entropy(
     known to be valid (e.g. a training loop's own tokens).
     """
     check_tensor("logits", logits, min_ndim=1)
-    check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction, check_targets)
+    check_ce_args(logits.shape, logits.size(-1), targets, softcap, ignore_index, reduction)
     check_same_device(logits=logits, targets=targets)
+    check_target_values(targets, logits.size(-1), ignore_index, check_targets)
     if not use_kernel(impl, logits, targets, unsupported=dtype_error("logits", logits, _KERNEL_DTYPES)):
         return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -288,9 +302,10 @@ def softcap_cross_entropy_ref(
     """
     # fp32 for bf16/fp16/fp32 logits; float64 stays float64 (useful for gradcheck).
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1))
+    flat = targets.reshape(-1).long()  # F.cross_entropy takes int64 class ids only
+    z = z.masked_fill((flat == ignore_index)[:, None], 0.0)  # an ignored row's logits are never read (no NaN grad)
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    flat = targets.reshape(-1).long()  # F.cross_entropy takes int64 class ids only
     losses = F.cross_entropy(z, flat, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return losses.reshape(targets.shape)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_tensor, dtype_error, use_kernel
+from kernels._dispatch import check_number, check_tensor, dtype_error, use_kernel
 from kernels._launch import dot_acc, dot_meta
 
 __all__ = ["gram", "gram_ref", "sym_update", "sym_update_ref"]
@@ -150,8 +150,7 @@ def sym_update(a: torch.Tensor, b: float, c: float, *, impl: str = "auto") -> to
     if a.size(-1) != a.size(-2):
         raise ValueError(f"a must be square, got shape {tuple(a.shape)}")
     for name, v in (("b", b), ("c", c)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
+        check_number(name, v)
     if not use_kernel(impl, a, unsupported=no_kernel_reason("a", a)):
         return sym_update_ref(a, b, c)
     a3 = a if a.ndim == 3 else a.unsqueeze(0)

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
-from kernels.cross_entropy import ce_rows, check_ce_args, mean_scale, reduce_losses, softcap_cross_entropy_ref
+from kernels.cross_entropy import (
+    ce_rows,
+    check_ce_args,
+    check_target_values,
+    mean_scale,
+    reduce_losses,
+    softcap_cross_entropy_ref,
+)
 
 __all__ = ["linear_softcap_cross_entropy", "linear_softcap_cross_entropy_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x's dtypes the chunked path takes
@@ -80,7 +87,7 @@ def _chunked(
     per row when row_scale).
     """
     c = x.size(-1)
-    x2 = x.reshape(-1, c).contiguous()
+    x2 = x.reshape(x.shape[:-1].numel(), c).contiguous()  # reshape(-1, C) fails for C = 0
     w = weight[:vocab].to(x.dtype).contiguous()  # (V, C); a copy only when the dtypes differ
     n = x2.size(0)
     grads = scale is not None
@@ -156,14 +163,15 @@ def linear_softcap_cross_entropy(
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
-    check_same_device(x=x, weight=weight, targets=targets)
     if weight.size(1) != x.size(-1):
         raise ValueError(f"weight must have shape (V, C) with C = x.size(-1) = {x.size(-1)}, got {tuple(weight.shape)}")
     if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= weight.size(0)):
         raise ValueError(f"vocab_size must be None or an int in [1, {weight.size(0)}], got {vocab_size!r}")
     vocab = weight.size(0) if vocab_size is None else vocab_size
     check_ce_args(torch.Size((*x.shape[:-1], vocab)), vocab, targets, softcap, ignore_index, reduction,
-                   check_targets)
+                  "weight (rows)" if vocab_size is None else "vocab_size")
+    check_same_device(x=x, weight=weight, targets=targets)
+    check_target_values(targets, vocab, ignore_index, check_targets)
     if not use_kernel(impl, x, weight, targets, unsupported=dtype_error("x", x, _KERNEL_DTYPES)):
         return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -183,7 +191,6 @@ def linear_softcap_cross_entropy_ref(
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...)."""
-    logits = F.linear(x, weight.to(x.dtype))
-    if vocab_size is not None:
-        logits = logits[..., :vocab_size]
+    w = weight if vocab_size is None else weight[:vocab_size]  # padding rows are never read
+    logits = F.linear(x, w.to(x.dtype))
     return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)

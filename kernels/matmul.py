@@ -267,6 +267,8 @@ def gemm(
         raise ValueError(f"inner dims differ: a {tuple(a.shape)}, b {tuple(b.shape)} with trans_b={trans_b}")
     if (epilogue == "relu2_grad") != (aux is not None):
         raise ValueError("aux (M, N) is required by epilogue='relu2_grad' and by no other epilogue")
+    if aux is not None and not isinstance(aux, torch.Tensor):
+        raise TypeError(f"aux must be None or a torch.Tensor, got {type(aux).__name__}")
     if aux is not None and (aux.shape != (M, N) or aux.dtype != a.dtype or aux.device != a.device
                             or not aux.is_contiguous()):
         raise ValueError(f"aux must be a contiguous ({M}, {N}) {a.dtype} tensor on {a.device}")

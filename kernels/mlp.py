@@ -99,7 +99,7 @@ def relu2_mlp(
     if not use_kernel(impl, x, w_fc, w_proj, unsupported=dtype_error("x", x, _KERNEL_DTYPES)):
         return relu2_mlp_ref(x, w_fc, w_proj)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.size(-1)).contiguous()
+    x2d = x.reshape(lead.numel(), x.size(-1)).contiguous()  # (N, C); reshape(-1, C) fails for C = 0
     # The casts stay outside the Function: autograd turns the activation-dtype weight grads back into fp32.
     w_fc_c = w_fc.to(x.dtype).contiguous()
     w_proj_c = w_proj.to(x.dtype).contiguous()

@@ -14,7 +14,8 @@ G): (1) reads G, buf, writes buf; (2) reads G, buf, writes X: 16 bytes read, 6 w
 muon_post never forms the scaled X: every factor above is a per-line (row or column) scale, so (3) sums X^2 per
 line (relative to the line's max |X|, so that no finite X overflows: the step does not depend on X's scale), (4) one
 small program per matrix turns those sums into buf2 and the per-line factor, and (5) one elementwise pass applies
-the update. NaN or inf anywhere in a matrix of X makes that matrix's parameters and buf2 NaN, on both paths. Per element (bf16 X): reads X twice and P once, writes P: 8 bytes read, 4 written.
+the update. NaN or inf anywhere in a matrix of X makes that matrix's parameters and buf2 NaN, on both paths.
+Per element (bf16 X): reads X twice and P once, writes P: 8 bytes read, 4 written.
 AdamW is one elementwise launch per tensor: reads p, g, m, v, writes p, m, v (28 bytes per fp32 element).
 
 Every function here writes its state arguments IN PLACE (momentum_buf; params_stack and second_buf; p, exp_avg,
@@ -29,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, use_kernel
-from kernels.polar_express import polar_express, polar_express_ref
+from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
+from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 
 __all__ = [
     "adamw_step_",
@@ -273,6 +274,26 @@ def _elementwise_block(numel: int, cuda: bool) -> int:
     return 1024 if cuda else max(16, min(triton.next_power_of_2(numel), 65536))
 
 
+def _check_pre_args(grad_stack, momentum_buf, mu, out_dtype, dtype_name: str = "out_dtype") -> None:
+    _check_stack("grad_stack", grad_stack)
+    _check_state("momentum_buf", momentum_buf, grad_stack.shape, grad_stack)
+    check_number("mu", mu, lo=0.0, hi=1.0)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"{dtype_name} must be None or a floating torch.dtype, got {out_dtype!r}")
+
+
+def _check_post_args(X, params_stack, second_buf, lr, wd, beta2) -> None:
+    _check_stack("X", X)
+    _check_state("params_stack", params_stack, X.shape, X)
+    K, m, n = X.shape
+    _check_state("second_buf", second_buf, torch.Size((K, m, 1) if m >= n else (K, 1, n)), X)
+    if K and (m == 0 or n == 0):
+        raise ValueError(f"X must have at least one row and one column per matrix, got shape {tuple(X.shape)}")
+    check_number("lr", lr, lo=0.0)  # the domains of torch.optim's Adam/Muon hyperparameters
+    check_number("wd", wd, lo=0.0)
+    check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+
+
 def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
              out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
     """Nesterov momentum and row equilibration for a Muon stack: the input of Polar Express.
@@ -281,11 +302,8 @@ def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
     fp32, updated IN PLACE to lerp(buf, G, 1 - mu). mu: the momentum. out_dtype: the Polar-Express dtype (default
     bf16 on CUDA, fp32 elsewhere). Returns X (K, m, n) in out_dtype, every row of norm ||G'||_F / sqrt(m).
     """
-    _check_stack("grad_stack", grad_stack)
-    _check_state("momentum_buf", momentum_buf, grad_stack.shape, grad_stack)
+    _check_pre_args(grad_stack, momentum_buf, mu, out_dtype)
     out_dtype = out_dtype or _default_ns_dtype(grad_stack)
-    if not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
     if not use_kernel(impl, grad_stack, momentum_buf):
         return muon_pre_ref(grad_stack, momentum_buf, mu, out_dtype)
     K, m, n = grad_stack.shape
@@ -313,11 +331,9 @@ def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Ten
     in place: P -= lr' X + lr' wd P [X P >= 0] with lr' = lr sqrt(max(1, m / n)). second_buf: contiguous fp32,
     (K, m, 1) when m >= n else (K, 1, n), updated in place to lerp(buf2, mean(X^2 over r), 1 - beta2).
     """
-    _check_stack("X", X)
-    _check_state("params_stack", params_stack, X.shape, X)
+    _check_post_args(X, params_stack, second_buf, lr, wd, beta2)
     K, m, n = X.shape
     row_lines = m >= n
-    _check_state("second_buf", second_buf, torch.Size((K, m, 1) if row_lines else (K, 1, n)), X)
     if not use_kernel(impl, X, params_stack, second_buf):
         return muon_post_ref(X, params_stack, second_buf, lr, wd, beta2)
     if X.numel() == 0:
@@ -353,11 +369,20 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     check_tensor("p", p)
     if not p.is_contiguous():
         raise ValueError("p must be contiguous")
-    _check_state("grad", grad, p.shape, p, fp32=False)
+    check_tensor("grad", grad)
+    if grad.shape != p.shape:
+        raise ValueError(f"grad must have shape {tuple(p.shape)}, got {tuple(grad.shape)}")
+    check_same_device(p=p, grad=grad)
+    grad = grad.contiguous()  # any layout: the kernel reads it flat
     _check_state("exp_avg", exp_avg, p.shape, p)
     _check_state("exp_avg_sq", exp_avg_sq, p.shape, p)
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
+    check_number("lr", lr, lo=0.0)  # the domains of torch.optim.AdamW
+    check_number("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    check_number("eps", eps, lo=0.0)
+    check_number("wd", wd, lo=0.0)
     if not use_kernel(impl, p, grad, exp_avg, exp_avg_sq):
         return adamw_step_ref(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
     numel = p.numel()
@@ -375,6 +400,11 @@ def muon_step_(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_bu
                ns_dtype: torch.dtype | None = None, impl: str = "auto") -> None:
     """One whole Muon step on stacks (muon_pre, polar_express, muon_post), IN PLACE on params_stack, momentum_buf
     and second_buf. Shapes and dtypes as in muon_pre / muon_post; ns_dtype as muon_pre's out_dtype."""
+    # every argument is checked before muon_pre writes momentum_buf
+    _check_pre_args(grad_stack, momentum_buf, mu, ns_dtype, "ns_dtype")
+    _check_post_args(grad_stack, params_stack, second_buf, lr, wd, beta2)
+    if type(ns_steps) is not int or not 0 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"ns_steps must be an int in [0, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps!r}")
     X = muon_pre(grad_stack, momentum_buf, mu, out_dtype=ns_dtype, impl=impl)
     muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl=impl)
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, use_kernel
+from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
 from kernels._launch import dot, dot_acc, dot_meta, last_dim_contiguous, sm_count
 from kernels.attention import flash_attention_ref
 
@@ -281,12 +281,16 @@ def paged_attention(
     num_pages, page_size, Hkv, _ = k_pages.shape
     if k_pages.size(3) != D:
         raise ValueError(f"q head_dim {D} != page head_dim {k_pages.size(3)}")
+    if page_size == 0:
+        raise ValueError(f"k_pages and v_pages must have page_size >= 1, got shape {tuple(k_pages.shape)}")
+    if D == 0:
+        raise ValueError(f"q and the pages must have head_dim >= 1, got shape {tuple(q.shape)}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of kv heads ({Hkv})")
     if window is not None and (type(window) is not int or window < 0):
         raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    if scale is not None:
+        check_number("scale", scale)
     if num_splits is not None and (type(num_splits) is not int or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
     if not q.is_cuda:  # value checks cost a device sync on GPU; on CPU they are cheap
@@ -334,7 +338,7 @@ def paged_kv_append(
     if not use_kernel(impl, k, v, k_pages, v_pages):
         paged_kv_append_ref(k_pages, v_pages, k, v, slots)
         return
-    if k.size(0) == 0:
+    if k.numel() == 0:  # no tokens, or no kv heads / head_dim: nothing to copy
         return
     k, v = k.reshape(k.size(0), -1).contiguous(), v.reshape(v.size(0), -1).contiguous()
     row = k.size(1)
@@ -362,5 +366,6 @@ def paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens=None,
 def paged_kv_append_ref(k_pages, v_pages, k, v, slots) -> None:
     """Write k[i], v[i] ((N, Hkv, D)) into slot slots[i] = page * page_size + row; slots < 0 are skipped."""
     keep = slots >= 0
-    k_pages.view(-1, *k_pages.shape[2:])[slots[keep]] = k[keep]
-    v_pages.view(-1, *v_pages.shape[2:])[slots[keep]] = v[keep]
+    n_slots = k_pages.size(0) * k_pages.size(1)  # view(-1, ...) fails for zero kv heads
+    k_pages.view(n_slots, *k_pages.shape[2:])[slots[keep]] = k[keep]
+    v_pages.view(n_slots, *v_pages.shape[2:])[slots[keep]] = v[keep]

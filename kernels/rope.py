@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
 from kernels._launch import last_dim_contiguous, num_warps_for
 from kernels.rms_norm import rms_norm_ref
 
@@ -192,7 +192,7 @@ def _bt(table: torch.Tensor) -> tuple[int, int]:
 
 
 def _meta(h: int, hkv: int, half: int) -> dict:
-    bh, bk, bhalf = triton.next_power_of_2(h), triton.next_power_of_2(hkv), triton.next_power_of_2(half)
+    bh, bk, bhalf = (max(1, triton.next_power_of_2(n)) for n in (h, hkv, half))  # >= 1: zero heads/D masked
     tile = max(bh, bk) * bhalf * 2
     return {"BLOCK_H": bh, "BLOCK_HKV": bk, "BLOCK_HALF": bhalf, "num_warps": num_warps_for(tile)}
 
@@ -211,7 +211,7 @@ def _rope_fwd(q, k, cos, sin, *, norm: bool, scale: float = 1.0, transpose: bool
         kr = torch.empty((B * T, k.size(2)), dtype=torch.float32, device=q.device) if norm else ko
     hkv = k.size(2) if k is not None else 1
     eps = torch.finfo(torch.float32).eps
-    if B * T and H:
+    if B * T * D and (H or hkv):
         kk = k if k is not None else q
         _rope_fwd_kernel[(B * T,)](
             q, kk, cos, sin, qo, ko if k is not None else qo, qr, kr if k is not None else qr,
@@ -283,7 +283,7 @@ class _RopeQKNorm(torch.autograd.Function):
         dqo, dko, cos, sin = (last_dim_contiguous(t) for t in (dqo, dko, cos, sin))
         B, T, H, D = qo.shape
         dq, dk = torch.empty_like(qo), torch.empty_like(ko)
-        if B * T and H:
+        if B * T * D and (H or ko.size(2)):
             _rope_qk_norm_bwd_kernel[(B * T,)](
                 dqo, dko, qo, ko, qr, kr, cos, sin, dq, dk, T, H, ko.size(2),
                 *_bth(dqo), *_bth(dko), *_bt(cos), *_bt(sin), ctx.scale,
@@ -326,6 +326,9 @@ def rope_qk_norm(
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     _check_rope_inputs("q", q, cos, sin)
     _check_rope_inputs("k", k, cos, sin)
+    if q.size(-1) == 0:
+        raise ValueError(f"q and k must have head_dim >= 2 (QK-norm over head_dim), got shape {tuple(q.shape)}")
+    scale = check_number("scale", scale, nonzero=True)
     if not use_kernel(impl, q, k, cos, sin, unsupported=_no_kernel_reason("q", q, max(q.size(2), k.size(2)))):
         return rope_qk_norm_ref(q, k, cos, sin, scale)
     return _RopeQKNorm.apply(q, k, cos, sin, float(scale))

@@ -530,7 +530,10 @@ def _muon_pre64(g, buf, mu):
 
 
 def _muon_post64(X, P, buf2, lr, wd, beta2):
+    # Muon+ does not depend on X's scale: the op works on X / max|X| (inf anywhere: NaN for the whole matrix)
     m, n = X.shape[-2:]
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    X = X / torch.where(amax > 0, amax, 1.0)
     X = X * (math.sqrt(min(m, n)) / _fro(X).clamp_min(1e-12))
     v = X.square().mean(dim=-1 if m >= n else -2, keepdim=True)
     buf2 = torch.lerp(buf2, v, 1 - beta2)
@@ -568,12 +571,6 @@ def fp32_ref(ref_fn):
     """An oracle for finite inputs whose squares overflow float32: the op's own ``*_ref`` at float32, whose
     norms overflow like torch's (such inputs follow the float32 reference, not float64 math)."""
     return lambda dd, d: ref_fn(**d)
-
-
-def o32_muon_post(dd, d):
-    P, buf2 = d["params_stack"].clone(), d["second_buf"].clone()
-    kernels.muon_post_ref(d["X"], P, buf2, d["lr"], d["wd"], d["beta2"])
-    return P, buf2
 
 
 def _fp32_or_64(t):
@@ -1440,7 +1437,7 @@ def _muon_cases():
     add(op, "X_nan", mk(base, X=lambda: put(rnd(2, 6, 10), (0, 1, 1), NAN)))
     add(op, "X_inf", mk(base, X=lambda: put(rnd(2, 6, 10), (1, 3, 4), INF)))
     add(op, "X_scaled_1e18", mk(base, X=lambda: rnd(2, 6, 10, scale=1e18)))
-    add(op, "X_1e25_overflows_fp32", mk(base, X=lambda: rnd(2, 6, 10, scale=1e25)), Ref(oracle=o32_muon_post))
+    add(op, "X_1e25_scale_invariant", mk(base, X=lambda: rnd(2, 6, 10, scale=1e25)), Ref())
     add(op, "X_float64", mk(base, X=lambda: rnd(2, 6, 10, dtype=F64)))
     add(op, "X_zero", mk(base, X=lambda: torch.zeros(2, 6, 10)))
     add(op, "params_nan", mk(base, params_stack=lambda: put(rnd(2, 6, 10, seed=1), (1, 0, 0), NAN)))
@@ -1540,5 +1537,5 @@ def test_case_ids_unique():
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     assert {c.op for c in CASES} == set(OPS)
     public = {n for n in kernels.__all__
-              if not n.endswith("_ref") and n not in ("resolve_impl", "POLAR_EXPRESS_COEFFS")}
+              if not n.endswith("_ref") and n not in ("resolve_impl", "POLAR_EXPRESS_COEFFS", "IMPLS", "tuned_configs")}
     assert public <= set(OPS), public - set(OPS)
