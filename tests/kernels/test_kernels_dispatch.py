@@ -5,27 +5,25 @@ import torch
 
 import kernels
 from kernels import resolve_impl
-
-
-def _rand(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from tests.helpers import rand32
+from tests.tolerances import EXACT, tol
 
 
 def test_resolve_torch_always_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl("torch", _rand(3), available=True) == "torch"
-    assert resolve_impl("torch", _rand(3), available=False) == "torch"
+    assert resolve_impl("torch", rand32(3), available=True) == "torch"
+    assert resolve_impl("torch", rand32(3), available=False) == "torch"
 
 
 def test_resolve_auto_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    x = _rand(3)
+    x = rand32(3)
     assert resolve_impl("auto", x, available=True) == "torch"
     assert resolve_impl("auto", x, available=False) == "torch"
 
 
 def test_resolve_auto_reads_env_at_call_time(monkeypatch):
-    x = _rand(3)
+    x = rand32(3)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_impl("auto", x, None, available=True) == "triton"
     assert resolve_impl("auto", x, available=False) == "torch"
@@ -35,32 +33,32 @@ def test_resolve_auto_reads_env_at_call_time(monkeypatch):
 
 def test_resolve_triton_without_kernel_raises():
     with pytest.raises(NotImplementedError, match="no Triton kernel"):
-        resolve_impl("triton", _rand(3), available=False)
-    assert resolve_impl("triton", _rand(3), available=True) == "triton"
+        resolve_impl("triton", rand32(3), available=False)
+    assert resolve_impl("triton", rand32(3), available=True) == "triton"
 
 
 @pytest.mark.parametrize("impl", ["bogus", "Torch", "", "cuda"])
 def test_resolve_unknown_impl(impl):
     with pytest.raises(ValueError, match="impl must be one of"):
-        resolve_impl(impl, _rand(3), available=True)
+        resolve_impl(impl, rand32(3), available=True)
 
 
 def _calls():
-    x = _rand(2, 5, 8, seed=1)
-    q, k = _rand(1, 3, 4, 8, seed=2), _rand(1, 3, 2, 8, seed=3)
-    cos, sin = _rand(1, 3, 1, 4, seed=4), _rand(1, 3, 1, 4, seed=5)
+    x = rand32(2, 5, 8, seed=1)
+    q, k = rand32(1, 3, 4, 8, seed=2), rand32(1, 3, 2, 8, seed=3)
+    cos, sin = rand32(1, 3, 1, 4, seed=4), rand32(1, 3, 1, 4, seed=5)
     targets = torch.tensor([[0, 1, 2, 3, -1], [4, 5, 6, 7, 0]])
     return {
         "rms_norm": lambda impl: kernels.rms_norm(x, impl=impl),
         "apply_rope": lambda impl: kernels.apply_rope(q, cos, sin, impl=impl),
         "rope_qk_norm": lambda impl: kernels.rope_qk_norm(q, k, cos, sin, impl=impl),
-        "relu2_mlp": lambda impl: kernels.relu2_mlp(x, _rand(32, 8), _rand(8, 32), impl=impl),
+        "relu2_mlp": lambda impl: kernels.relu2_mlp(x, rand32(32, 8), rand32(8, 32), impl=impl),
         "softcap_cross_entropy": lambda impl: kernels.softcap_cross_entropy(x, targets, impl=impl),
         "linear_softcap_cross_entropy": lambda impl: kernels.linear_softcap_cross_entropy(
-            x, _rand(10, 8), targets, impl=impl
+            x, rand32(10, 8), targets, impl=impl
         ),
         "flash_attention": lambda impl: kernels.flash_attention(q, k, k, impl=impl),
-        "polar_express": lambda impl: kernels.polar_express(_rand(3, 4, 6), impl=impl),
+        "polar_express": lambda impl: kernels.polar_express(rand32(3, 4, 6), impl=impl),
     }
 
 
@@ -68,16 +66,16 @@ def _calls():
 def test_public_ops_impl_keyword(op, monkeypatch):
     call = _calls()[op]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch.testing.assert_close(call("auto"), call("torch"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call("auto"), call("torch"), **EXACT)  # auto on CPU without the interpreter: torch
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton kernel, where one exists, runs in the interpreter
     ref = call("torch")
-    torch.testing.assert_close(call("auto"), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(call("auto"), ref, **tol("any_op", torch.float32))
     try:
         out = call("triton")
     except NotImplementedError:  # no kernel for this op (yet)
         pass
     else:
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, ref, **tol("any_op", torch.float32))
     with pytest.raises(ValueError, match="impl must be one of"):
         call("bogus")
 
