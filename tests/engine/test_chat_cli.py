@@ -13,14 +13,6 @@ from engine.tokenizer import Tokenizer
 from scripts import chat_cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """<base>/tokenizer and <base>/base_checkpoints/d1 (a random depth-1 model), as `make demo` lays them out."""

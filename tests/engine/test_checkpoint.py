@@ -15,6 +15,7 @@ from engine.checkpoint import (
     save_checkpoint,
 )
 from engine.gpt import GPTConfig, build_model
+from tests.tolerances import EXACT
 
 
 def make(depth=2, seed=0):
@@ -37,7 +38,7 @@ def test_save_load_identical_logits(tmp_path):
     save(model, tmp_path)
     loaded, meta = load_model(tmp_path)
     idx = torch.randint(0, 200, (2, 20))
-    torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(idx), model(idx), **EXACT)
     assert meta["step"] == 5 and find_last_step(tmp_path) == 5
     _, optim, _ = load_checkpoint(tmp_path, 5, load_optimizer=True)
     assert torch.equal(optim["x"], torch.ones(3))

@@ -2,7 +2,7 @@
 
 Each case writes dense per-sequence keys/values into randomly shuffled pages of a pool, then checks the paged
 kernel and the paged reference against `flash_attention_ref` on the dense tensors (queries are the last q_len
-positions of each sequence). fp32 tolerance 2e-5 (the interpreter's fp32 dot is exact up to summation order).
+positions of each sequence), to tol("attention_kernel") (the interpreter's fp32 dot is exact up to summation order).
 """
 
 import pytest
@@ -10,16 +10,9 @@ import torch
 
 from kernels.attention import flash_attention_ref
 from kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append
+from tests.tolerances import tol
 
-TOL = 2e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TOL = tol("attention_kernel", torch.float32)  # the kernel, fp32, against dense float64 attention
 
 
 def make_case(seq_lens, q_lens, tq, h, hkv, d, page_size, dtype=torch.float32, seed=0, spare_pages=3):
@@ -72,9 +65,9 @@ def test_paged_attention_matches_dense(seq_lens, q_lens, tq, h, hkv, d, page_siz
     expect = dense_expect(q, ql, dense, window)
     got = paged_attention(q, kp, vp, bt, sl, ql, window=window, num_splits=num_splits, impl="triton")
     assert got.shape == q.shape and got.dtype == q.dtype
-    torch.testing.assert_close(got.double(), expect, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(got.double(), expect, **TOL)
     ref = paged_attention_ref(q, kp, vp, bt, sl, ql, window=window)
-    torch.testing.assert_close(ref.double(), expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.double(), expect, **tol("attention", torch.float32))
     for b, m in enumerate(q_lens):  # padding rows stay zero
         assert not got[b, m:].any()
 
@@ -84,7 +77,7 @@ def test_paged_attention_fp16_and_scale():
     got = paged_attention(q, kp, vp, bt, sl, ql, scale=0.2, num_splits=2, impl="triton")
     expect = paged_attention_ref(q.float(), kp.float(), vp.float(), bt, sl, ql, scale=0.2)
     assert got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), expect, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.float(), expect, **tol("attention_kernel", torch.float16))
 
 
 @pytest.mark.parametrize("seq_lens,q_lens,tq,h,hkv,d,page_size,window,num_splits", [CASES[1], CASES[4], CASES[5]])
@@ -103,7 +96,7 @@ def test_paged_attention_bf16_matches_reference(seq_lens, q_lens, tq, h, hkv, d,
 def test_paged_attention_default_q_lens_is_full_rows():
     q, kp, vp, bt, sl, ql, dense = make_case([12, 20], [4, 4], 4, 2, 2, 16, 16, seed=9)
     got = paged_attention(q, kp, vp, bt, sl, window=5, impl="triton")
-    torch.testing.assert_close(got.double(), dense_expect(q, ql, dense, 5), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(got.double(), dense_expect(q, ql, dense, 5), **TOL)
 
 
 def test_append_then_attend_matches_full_sequence():
@@ -117,7 +110,7 @@ def test_append_then_attend_matches_full_sequence():
     paged_kv_append(kp, vp, new_k, new_v, slots, impl="triton")
     got = paged_attention(q, kp, vp, bt, sl + 1, impl="triton")
     grown = [(torch.cat([k, new_k[b : b + 1]]), torch.cat([v, new_v[b : b + 1]])) for b, (k, v) in enumerate(dense)]
-    torch.testing.assert_close(got.double(), dense_expect(q, ql, grown, None), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(got.double(), dense_expect(q, ql, grown, None), **TOL)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -17,6 +17,7 @@ import torch
 
 from engine.gpt import build_model
 from engine.tokenizer import Tokenizer
+from tests.tolerances import tol
 from train import data
 from train.config import TrainConfig, configs_from_depth
 from train.loop import set_schedules
@@ -94,7 +95,8 @@ def test_two_ranks_match_one_process(workspace, full_run):
         model.zero_grad(set_to_none=True)
         saved = torch.load(run_dir / f"model_{step + 1:06d}.pt", weights_only=True)
         for name, p in model.state_dict().items():
-            torch.testing.assert_close(saved[name], p, rtol=1e-5, atol=1e-6,
+            # the same steps on gradients summed in another order (two ranks' halves, then the all-reduce)
+            torch.testing.assert_close(saved[name], p, **tol("optimizer_normalized", torch.float32),
                                        msg=lambda m, s=step + 1, n=name: f"step {s}: {n} {m}")
     # optimizer state is sharded: each rank holds about half of the single-process state
     single = state_numel(copy.deepcopy(opt.state_dict()))

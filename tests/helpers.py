@@ -1,0 +1,29 @@
+"""Seeded random inputs and constants shared by the tests (fixtures live in tests/conftest.py).
+
+Import as `from tests.helpers import rand`: pytest runs with --import-mode=importlib and the repository root on
+sys.path (pyproject.toml), so `tests` is a namespace package.
+"""
+
+import torch
+
+F32_EPS = torch.finfo(torch.float32).eps  # 2^-23: the eps the float32 kernels' norms default to (F.rms_norm's)
+
+
+def rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard-normal values drawn in float64 from a generator seeded with `seed`, then rounded to `dtype`.
+
+    Drawn in float64 whatever `dtype` is, so one seed gives the same values (up to that rounding) in every dtype,
+    and a float64 oracle fed `x.double()` sees exactly the rounded inputs the op saw."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def rand32(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard-normal values drawn in float32, times `scale`, cast to `dtype`: the inputs of the Muon, Gram and
+    dispatch tests. torch's float32 stream is not the float64 one rounded (for 16 or more elements the values
+    differ outright), so this is a different set of inputs from `rand(..., dtype=torch.float32)`."""
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32) * scale).to(dtype)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Normwise relative error ||got - want||_F / ||want||_F, computed in float64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
