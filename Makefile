@@ -28,8 +28,10 @@ demo: install
 		--matrix-lr=0.2 --embedding-lr=3.0 --unembedding-lr=0.08 --scalar-lr=5.0 \
 		--save-every=-1 --sample-every=-1 --log-every=10 --run=demo
 
+# One pytest worker per core (pytest-xdist), a file per worker at a time: the module fixtures are built once.
+# For benchmarks run pytest directly (`pytest bench/ --benchmark`): xdist would switch their timing off.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import triton
 import triton.language as tl
 
 # ---- layouts ----------------------------------------------------------------------------------------------------
@@ -32,34 +31,22 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 # ---- tl.dot operands --------------------------------------------------------------------------------------------
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 def dot_meta(t: torch.Tensor) -> dict:
-    """The constexprs of every kernel that calls ``dot``/``dot_acc``, for operands like ``t``.
+    """The two constexprs of every kernel that calls tl.dot, for operands like ``t``; kernels write
+    ``tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)``.
 
-    DOT_FP32: up-cast the operands to fp32 before the dot. The Triton interpreter (CPU tensors) multiplies
-    bfloat16 bit patterns in tl.dot, so it always gets fp32 operands (exact for fp16/bf16 inputs: their
-    products are exact in fp32); on CUDA the operands keep their dtype and use the tensor cores.
+    DOT_DTYPE: the operands' dtype on CUDA (the cast is a no-op; 16-bit operands use the tensor cores); fp32 in
+    the Triton interpreter (CPU tensors), whose tl.dot multiplies bfloat16 bit patterns (fp32 is exact there for
+    fp16/bf16 inputs: their products are exact in fp32).
     DOT_PRECISION: "ieee" for fp32 operands (full fp32 products, as torch computes them), "tf32" otherwise
-    (ignored by Triton for 16-bit operands)."""
+    (ignored by Triton for 16-bit operands). Written inline rather than through a jit helper: the interpreter
+    pays for every nested call."""
     up = not t.is_cuda
-    return {"DOT_FP32": up, "DOT_PRECISION": "ieee" if up or t.dtype == torch.float32 else "tf32"}
-
-
-@triton.jit
-def dot(a, b, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation (see ``dot_meta`` for the two flags)."""
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def dot_acc(a, b, acc, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b, accumulated in the MMA itself (see ``dot_meta`` for the two flags)."""
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return {"DOT_DTYPE": tl.float32 if up else _TL_DTYPES.get(t.dtype, tl.float32),
+            "DOT_PRECISION": "ieee" if up or t.dtype == torch.float32 else "tf32"}
 
 
 # ---- device properties and launch shapes ------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._launch import dot, dot_acc
-
 
 @triton.jit
 def _key_range(m0, Tk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -67,7 +65,7 @@ def attn_fwd_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tq, BLOCK_M), B * H). Reads q once and the visible k/v tiles (BLOCK_N x D each per step);
@@ -111,7 +109,8 @@ def attn_fwd_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            s = dot(q, tl.trans(k), DOT_FP32, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            s = s * qk_scale
             if phase != 1:
                 ok = cols[None, :] < Tk
                 if CAUSAL:
@@ -127,7 +126,8 @@ def attn_fwd_kernel(
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, DOT_PRECISION)
+            acc = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None],
+                         input_precision=DOT_PRECISION)
             m_i = m_new
     # Every real row sees at least its own key, so l_i > 0 there; padding rows are never stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -182,7 +182,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # keys per program
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tk, BLOCK_N), B * Hkv). Holds one k/v tile; for each of the GROUP query heads reads the
@@ -255,7 +255,8 @@ def attn_bwd_dkdv_kernel(
                 else:
                     lse = tl.load(LSE_head + rows)
                     delta = tl.load(DELTA_head + rows)
-                s_t = dot(k, tl.trans(q), DOT_FP32, DOT_PRECISION) * qk_scale  # S^T (N, M)
+                s_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q).to(DOT_DTYPE), input_precision=DOT_PRECISION)  # S^T (N, M)
+                s_t = s_t * qk_scale
                 if phase != 1:
                     pos = rows + off
                     ok = row_ok[None, :]
@@ -265,10 +266,10 @@ def attn_bwd_dkdv_kernel(
                         ok = ok & (pos[None, :] - cols[:, None] <= window)
                     s_t = tl.where(ok, s_t, float("-inf"))
                 p_t = tl.exp2(s_t - lse[None, :])
-                dv = dot_acc(p_t.to(do.dtype), do, dv, DOT_FP32, DOT_PRECISION)
-                dp_t = dot(v, tl.trans(do), DOT_FP32, DOT_PRECISION)
+                dv = tl.dot(p_t.to(do.dtype).to(DOT_DTYPE), do.to(DOT_DTYPE), dv, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v.to(DOT_DTYPE), tl.trans(do).to(DOT_DTYPE), input_precision=DOT_PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
-                dk = dot_acc(ds_t.to(q.dtype), q, dk, DOT_FP32, DOT_PRECISION)
+                dk = tl.dot(ds_t.to(q.dtype).to(DOT_DTYPE), q.to(DOT_DTYPE), dk, input_precision=DOT_PRECISION)
     out = b * stride_dkb + hk.to(tl.int64) * stride_dkh + cols64 * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=tile_ok)
@@ -293,7 +294,7 @@ def attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two >= 16
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop step
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     # Grid (cdiv(Tq, BLOCK_M), B * H). The forward's key range; reads k, v (BLOCK_N x D) per step, writes dq once.
@@ -338,7 +339,7 @@ def attn_bwd_dq_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            s = dot(q, tl.trans(k), DOT_FP32, DOT_PRECISION) * qk_scale
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k).to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
             if phase != 1:
                 ok = cols[None, :] < Tk
                 if CAUSAL:
@@ -347,8 +348,8 @@ def attn_bwd_dq_kernel(
                     ok = ok & (pos_m[:, None] - cols[None, :] <= window)
                 s = tl.where(ok, s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
-            dp = dot(do, tl.trans(v), DOT_FP32, DOT_PRECISION)
+            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq = dot_acc(ds.to(k.dtype), k, dq, DOT_FP32, DOT_PRECISION)
+            dq = tl.dot(ds.to(k.dtype).to(DOT_DTYPE), k.to(DOT_DTYPE), dq, input_precision=DOT_PRECISION)
     out = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqt + offs_d[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)

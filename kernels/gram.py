@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_number, check_tensor, dtype_error, use_kernel
-from kernels._launch import dot_acc, dot_meta
+from kernels._launch import dot_meta
 
 __all__ = ["gram", "gram_ref", "sym_update", "sym_update_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,7 +38,7 @@ def _syrk_kernel(
     alpha,  # scale of the product
     beta,  # scale of D
     HAS_D: tl.constexpr,  # add beta * D in the epilogue
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # square output tile side
     BLOCK_K: tl.constexpr,  # reduction chunk
@@ -67,7 +67,7 @@ def _syrk_kernel(
         k_ok = (k0 + ks) < kd
         a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
-        acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_xn
         b_ptrs += BLOCK_K * stride_xn
 

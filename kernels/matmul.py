@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import autotune, capability_major, dot_acc, dot_meta, sm_count
+from kernels._launch import autotune, capability_major, dot_meta, sm_count
 
 __all__ = ["gemm", "gemm_ref", "GEMM_CONFIGS"]
 EPILOGUES = {"none": 0, "relu2": 1, "relu2_grad": 2}
@@ -118,7 +118,7 @@ def _gemm_kernel(
     stride_bn,  # elements between consecutive n of B
     EPILOGUE: tl.constexpr,  # 0 none, 1 relu^2, 2 times 2*sqrt(aux)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
@@ -142,7 +142,7 @@ def _gemm_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
@@ -166,7 +166,7 @@ def _gemm_tma_kernel(
     num_programs,  # grid size: program p handles tiles p, p + num_programs, ...
     EPILOGUE: tl.constexpr,  # 0 none, 1 relu^2, 2 times 2*sqrt(aux)
     TRANS_B: tl.constexpr,  # B is stored (N, K) and used transposed
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
@@ -186,7 +186,7 @@ def _gemm_tma_kernel(
                 b = tl.trans(b_desc.load([off_n, kt * BLOCK_K]))
             else:
                 b = b_desc.load([kt * BLOCK_K, off_n])
-            acc = dot_acc(a, b, acc, DOT_FP32, DOT_PRECISION)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         aux = acc
         if EPILOGUE == 2:
             aux = aux_desc.load([off_m, off_n])

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
-from kernels._launch import dot, dot_acc, dot_meta, last_dim_contiguous, sm_count
+from kernels._launch import dot_meta, last_dim_contiguous, sm_count
 from kernels.attention import flash_attention_ref
 
 __all__ = ["paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
@@ -64,7 +64,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,  # packed (query, head) rows per program
     BLOCK_N: tl.constexpr,  # keys per iteration
     NUM_SPLITS: tl.constexpr,  # KV splits (1: write Out directly)
-    DOT_FP32: tl.constexpr,  # up-cast operands before tl.dot (kernels._launch.dot_meta)
+    DOT_DTYPE: tl.constexpr,  # dtype of the tl.dot operands (kernels._launch.dot_meta)
     DOT_PRECISION: tl.constexpr,  # tl.dot input precision (kernels._launch.dot_meta)
 ):
     pid_bh = tl.program_id(0)
@@ -107,7 +107,7 @@ def _paged_attention_kernel(
         page = tl.load(bt_row + kpos // PAGE_SIZE, mask=k_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kp + (kpos % PAGE_SIZE).to(tl.int64) * stride_kt + kvh * stride_kh
         kt = tl.load(K + kv_off[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # (D, N)
-        s = dot(q, kt, DOT_FP32, DOT_PRECISION) * qk_scale  # (M, N), log2 units
+        s = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
         visible = (kpos[None, :] <= pos[:, None]) & (pos[:, None] - kpos[None, :] <= window)
         s = tl.where(visible & k_ok[None, :] & row_ok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,7 +115,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
-        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0
