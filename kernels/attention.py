@@ -30,7 +30,7 @@ from kernels.flash_attention_kernels import (
     attn_fwd_kernel,
 )
 
-__all__ = ["flash_attention", "flash_attention_ref", "ATTENTION_CONFIGS"]
+__all__ = ["flash_attention", "flash_attention_ref", "ATTENTION_CONFIGS", "autotune_space"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation inside
 _MAX_HEAD_DIM = 128  # larger heads run the reference under impl="auto"
 _LOG2E = 1.4426950408889634
@@ -47,6 +47,22 @@ ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "h64_i32_w4_s4": (64, 32, 4, 4),
     "h16_i16_w4_s1": (16, 16, 4, 1),  # short sequences and one-token decode; many tile boundaries in tests
 }
+
+
+# What the autotuner may pick, per kernel and operand width: `python -m bench.compile_report` compiles each for
+# sm_90 at D = 128, and every candidate here fits shared memory and spills no register (the other named configs
+# spill: 128x128 and 128x32 tiles in every kernel, and the dK/dV kernel beyond 32x64). fp32 operands take twice
+# the shared memory and registers: at D = 128 even 32x32 tiles spill, so fp32 runs 16x16 tiles only.
+_SPACE_16BIT = ("h128_i64_w8_s3", "h64_i64_w4_s3", "h64_i32_w4_s4", "h16_i16_w4_s1")
+_SPACE_DKDV_16BIT = ("h64_i32_w4_s4", "h16_i16_w4_s1")
+_SPACE_FP32 = ("h16_i16_w4_s1",)
+
+
+def autotune_space(kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The ATTENTION_CONFIGS names the autotuner times for kernel `kind` ("fwd", "dq", "dkdv") on `dtype` inputs."""
+    if dtype == torch.float32:
+        return _SPACE_FP32
+    return _SPACE_DKDV_16BIT if kind == "dkdv" else _SPACE_16BIT
 
 
 INTERPRETER_CONFIG = "h64_i32_w4_s4"  # the CPU default: few, unequal tiles (the interpreter pays per tile)
@@ -75,7 +91,7 @@ def _launch(kind: str, config: str | None, key: tuple, grid, outputs: tuple, *ar
                                                           num_stages=num_stages)
 
     if config is None:
-        config = autotune(("attention", kind, *key), list(ATTENTION_CONFIGS), run, outputs)
+        config = autotune(("attention", kind, *key), autotune_space(kind, key[1]), run, outputs)
     run(config)
 
 

@@ -21,7 +21,7 @@ Two kernels share the tile ordering and the epilogue:
   tile's epilogue with the next tile's loads), epilogue sub-tiling (store the tile in two BLOCK_N/2 halves to
   cut registers), and BLOCK_K=128 with 2-3 stages.
 
-Choosing a config: `config=None` on CUDA times every eligible name in TUNE_CONFIGS once per
+Choosing a config: `config=None` on CUDA times every eligible name of `tune_configs(dtype)` once per
 (device, dtype, epilogue, layout, M rounded up to a power of two, N, K) through `kernels._launch.autotune`
 (its decisions: `kernels._launch.tuned_configs()`); on CPU tensors (the Triton interpreter) it is always
 INTERPRETER_CONFIG. Passing a name pins that config.
@@ -64,20 +64,31 @@ class GemmConfig:
 GEMM_CONFIGS: dict[str, GemmConfig] = {
     # Hopper bf16 candidates: Hopper's warpgroup MMA works on 64-row slabs per 4 warps, so 128-row tiles keep 8
     # warps (or 4 warps twice) busy; shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes: 48 KB for
-    # 128x256x64, so 3 stages fit the 228 KB of an SM (fp32 operands need twice that: those configs are skipped).
+    # 128x256x64, so 3 stages fit the 227 KB a block may have (fp32 operands need twice that: TUNE_FP32 below).
     "ptr_128x256x64_w8_s3": GemmConfig(128, 256, 64, 8, 8, 3),
     "ptr_128x128x64_w8_s4": GemmConfig(128, 128, 64, 8, 8, 4),
     "ptr_128x128x64_w4_s4": GemmConfig(128, 128, 64, 8, 4, 4),
     "ptr_64x128x64_w4_s4": GemmConfig(64, 128, 64, 8, 4, 4),  # short inputs (prompts, decode)
     "tma_128x256x64_w8_s3": GemmConfig(128, 256, 64, 8, 8, 3, tma=True),
     "tma_128x128x64_w8_s4": GemmConfig(128, 128, 64, 8, 8, 4, tma=True),
+    # fp32 candidate: 4-byte operands, so BLOCK_K = 32 keeps 3 stages at 96 KB
+    "ptr_128x128x32_w8_s3": GemmConfig(128, 128, 32, 8, 8, 3),
     # For tests: the interpreter's default (larger tiles run faster there), and small tiles so that odd shapes
     # cross several tile edges and a partial L2 group.
     "test_64x64x64": GemmConfig(64, 64, 64, 2, 4, 1),
     "test_32x64x32": GemmConfig(32, 64, 32, 2, 4, 1),
     "test_tma_32x64x32": GemmConfig(32, 64, 32, 2, 4, 1, tma=True),
 }
-TUNE_CONFIGS = tuple(name for name in GEMM_CONFIGS if not name.startswith("test_"))
+# The autotune spaces: every candidate compiles for sm_90 within shared memory and without spills
+# (`python -m bench.compile_report`); a TMA candidate is dropped where TMA is not available.
+TUNE_16BIT = ("ptr_128x256x64_w8_s3", "ptr_128x128x64_w8_s4", "ptr_128x128x64_w4_s4", "ptr_64x128x64_w4_s4",
+              "tma_128x256x64_w8_s3", "tma_128x128x64_w8_s4")
+TUNE_FP32 = ("ptr_128x128x32_w8_s3", "ptr_64x128x64_w4_s4")
+
+
+def tune_configs(dtype: torch.dtype) -> tuple[str, ...]:
+    """The GEMM_CONFIGS names the autotuner times for operands of `dtype`."""
+    return TUNE_FP32 if dtype == torch.float32 else TUNE_16BIT
 INTERPRETER_CONFIG = "test_64x64x64"
 _INTERPRETER_PROGRAMS = 3  # persistent kernel on CPU: 3 programs, so each one loops over several tiles
 
@@ -288,7 +299,7 @@ def gemm(
     if config is None:
         bucket = 1 << max(M - 1, 0).bit_length()
         key = ("gemm", a.device.index, a.dtype, epilogue, trans_b, bucket, N, K)
-        candidates = [n for n in TUNE_CONFIGS if tma_ok or not GEMM_CONFIGS[n].tma]
+        candidates = [n for n in tune_configs(a.dtype) if tma_ok or not GEMM_CONFIGS[n].tma]
         config = autotune(key, candidates, lambda name: _launch(GEMM_CONFIGS[name], a, b, out, aux, trans_b, code),
                           (out,))
     _launch(GEMM_CONFIGS[config], a, b, out, aux, trans_b, code)

@@ -1,0 +1,25 @@
+"""Every kernel config the launchers and autotuners can pick at the speedrun shapes compiles for Hopper (sm_90) in
+bf16: within shared memory, without a spilled register, on wgmma where a bf16 dot has 64-row tiles or more. Needs no
+GPU: Triton compiles for the sm_90 target on the CPU (bench/compile_report.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import compile_report
+
+
+def test_bf16_speedrun_configs_compile_clean_for_sm90(tmp_path):
+    if not Path(compile_report._cuobjdump()).exists():
+        pytest.skip("this Triton wheel has no bundled cuobjdump")
+    rc = compile_report.main(["--arch", "90", "--dtype", "bf16", "--fail-on-spill", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "compile_report_sm90_bf16.json").read_text())
+    summary = report["summary"]
+    assert rc == 0, summary["violations"]
+    assert summary["failed"] == 0 and summary["spilling"] == 0
+    assert summary["compiled"] >= 70  # every family is there (norms, rope, CE, GEMM, attention, Muon, paged)
+    families = {r["family"] for r in report["records"] if r["ok"]}
+    assert families >= {"rms_norm", "rope_qk_norm", "linear_softcap_ce", "relu2_mlp", "flash_attention",
+                        "polar_express", "muon", "paged_attention"}
+    assert all(r["wgmma"] for r in report["records"] if r["ok"] and r["dot"] and r["rows"] >= 64)
