@@ -30,7 +30,7 @@ from kernels.flash_attention_kernels import (
     attn_fwd_kernel,
 )
 
-__all__ = ["flash_attention", "flash_attention_ref", "ATTENTION_CONFIGS", "autotune_space"]
+__all__ = ["flash_attention", "flash_attention_ref", "ATTENTION_CONFIGS"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp32 accumulation inside
 _MAX_HEAD_DIM = 128  # larger heads run the reference under impl="auto"
 _LOG2E = 1.4426950408889634
@@ -58,19 +58,19 @@ _SPACE_DKDV_16BIT = ("h64_i32_w4_s4", "h16_i16_w4_s1")
 _SPACE_FP32 = ("h16_i16_w4_s1",)
 
 
-def autotune_space(kind: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """The ATTENTION_CONFIGS names the autotuner times for kernel `kind` ("fwd", "dq", "dkdv") on `dtype` inputs."""
-    if dtype == torch.float32:
-        return _SPACE_FP32
-    return _SPACE_DKDV_16BIT if kind == "dkdv" else _SPACE_16BIT
-
-
 INTERPRETER_CONFIG = "h64_i32_w4_s4"  # the CPU default: few, unequal tiles (the interpreter pays per tile)
 _KERNELS = {  # kind -> (kernel, whether the held tile is the query tile BLOCK_M)
     "fwd": (attn_fwd_kernel, True),
     "dq": (attn_bwd_dq_kernel, True),
     "dkdv": (attn_bwd_dkdv_kernel, False),
 }
+
+
+def autotune_space(kind: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The ATTENTION_CONFIGS names the autotuner times for kernel `kind` ("fwd", "dq", "dkdv") on `dtype` inputs."""
+    if dtype == torch.float32:
+        return _SPACE_FP32
+    return _SPACE_DKDV_16BIT if kind == "dkdv" else _SPACE_16BIT
 
 
 def _blocks(name: str, held_is_m: bool) -> dict[str, int]:

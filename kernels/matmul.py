@@ -86,13 +86,6 @@ TUNE_16BIT = ("ptr_128x256x64_w8_s3", "ptr_128x128x64_w8_s4", "ptr_128x128x64_w4
 TUNE_FP32 = ("ptr_128x128x32_w8_s3", "ptr_64x128x64_w4_s4")
 
 
-def tune_configs(dtype: torch.dtype) -> tuple[str, ...]:
-    """The GEMM_CONFIGS names the autotuner times for operands of `dtype`."""
-    return TUNE_FP32 if dtype == torch.float32 else TUNE_16BIT
-INTERPRETER_CONFIG = "test_64x64x64"
-_INTERPRETER_PROGRAMS = 3  # persistent kernel on CPU: 3 programs, so each one loops over several tiles
-
-
 @triton.jit
 def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped order: tiles 0..GROUP_M-1 go down one column of tiles, then the next column, ...; the last group
@@ -203,6 +196,13 @@ def _gemm_tma_kernel(
             aux = aux_desc.load([off_m, off_n])
         acc = _epilogue(acc, aux, EPILOGUE)
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the part outside (M, N) is dropped
+
+
+def tune_configs(dtype: torch.dtype) -> tuple[str, ...]:
+    """The GEMM_CONFIGS names the autotuner times for operands of `dtype`."""
+    return TUNE_FP32 if dtype == torch.float32 else TUNE_16BIT
+INTERPRETER_CONFIG = "test_64x64x64"
+_INTERPRETER_PROGRAMS = 3  # persistent kernel on CPU: 3 programs, so each one loops over several tiles
 
 
 @functools.cache

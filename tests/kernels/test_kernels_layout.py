@@ -69,7 +69,8 @@ def test_no_private_names_across_kernel_modules(path):
             continue
         private = [n for n in names if n.startswith("_") and n not in SHARED]
         assert not private, f"{path.name} imports private {private} from {module}"
-        if path.parent != KERNELS:
+        # bench/compile_report.py mirrors the launchers' choices to compile them: it reads their internals by design
+        if path.parent != KERNELS and path.name != "compile_report.py":
             assert module.split(".")[-1] not in {"_dispatch", "_launch"} or path.parent.name == "tests", (
                 f"{path.name} reaches into {module}: use the public functions of kernels")
 
