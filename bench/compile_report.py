@@ -16,7 +16,7 @@ registers, stack bytes (> 0: registers spilled to local memory), and for kernels
 holds warpgroup MMA (`wgmma`, sm_90) or `mma.sync`. Violations: a failed or slow compile, shared memory over the
 limit, a bf16 dot kernel with tiles of 64 rows or more that does not use `wgmma` on sm_90, and with --fail-on-spill
 (what CI runs) any spilled register. Writes bench/results/compile_report_sm{arch}_{dtype}.json and .md; exits 1 on a
-violation. TMA GEMM candidates take host-side descriptors and are listed but not compiled here.
+violation. A plan that asks for TMA (the persistent GEMM's host-side descriptors) must show cp.async.bulk.tensor.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Plan:
     dot: bool = False  # the kernel calls tl.dot
     rows: int = 0  # the dot tile's row count (wgmma needs >= 64)
     autotune: bool = False  # a candidate of an autotune space, rather than the launcher's own pick
-    tma: bool = False  # host-side TMA descriptors (reported, not compiled here)
+    tma: bool = False  # host-side TMA descriptors: the PTX must hold TMA copies
     ints: dict = field(default_factory=dict)  # integer arguments' values at the shape (others: DEFAULT_INT)
 
 
@@ -127,10 +127,14 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
         for epilogue, trans_b, label in ((1, True, "fwd relu2 x W_fc^T"), (2, False, "bwd relu2_grad dy W_proj")):
             consts = {"EPILOGUE": epilogue, **dot_consts, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
-            if cfg.tma:
+            if cfg.tma:  # host-side descriptors: their block shapes are part of the kernel's signature
+                bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+                desc = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
+                        "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if trans_b else f"tensordesc<{dtype}[{bk}, {bn}]>",
+                        "c_desc": f"tensordesc<{dtype}[{bm}, {bn}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn}]>"}
                 out.append(Plan("relu2_mlp", "kernels.matmul", "_gemm_tma_kernel", f"{name} {label}",
-                                {**consts, "TRANS_B": trans_b}, {}, (), cfg.num_warps, cfg.num_stages, True,
-                                cfg.block_m, True, True))
+                                {**consts, "TRANS_B": trans_b}, desc, (), cfg.num_warps, cfg.num_stages, True,
+                                cfg.block_m, True, True, ints={"num_programs": 132}))
                 continue
             unit = {"stride_bk": 1} if trans_b else {"stride_bn": 1}  # b = W_fc (N, K) read as b^T, or W_proj
             out.append(Plan("relu2_mlp", "kernels.matmul", "_gemm_kernel", f"{name} {label}",
@@ -241,9 +245,6 @@ def _cuobjdump() -> str:
 def compile_plan(plan: Plan, arch: int = 90) -> dict:
     """Compile one plan; returns its record (see the module docstring)."""
     rec = {**asdict(plan), "consts": {k: str(v) for k, v in plan.consts.items()}, "arch": arch}
-    if plan.tma:
-        rec.update(ok=None, error="host TMA descriptors: not compiled by this report")
-        return rec
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -255,6 +256,8 @@ def compile_plan(plan: Plan, arch: int = 90) -> dict:
     for i, name in enumerate(fn.arg_names):
         if name in plan.consts:
             sig[name] = "constexpr"
+        elif name in plan.ptrs and plan.ptrs[name].startswith("tensordesc"):
+            sig[name] = plan.ptrs[name]  # a host-side TMA descriptor
         elif name in plan.ptrs:
             sig[name] = "*" + plan.ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -285,7 +288,7 @@ def compile_plan(plan: Plan, arch: int = 90) -> dict:
     ptx = k.asm["ptx"]
     rec.update(ok=True, error=None, shared=k.metadata.shared, regs=int(regs.group(1)) if regs else None,
                spill_bytes=int(stack.group(1)) if stack else None, wgmma="wgmma.mma_async" in ptx,
-               mma="mma.sync" in ptx or "wgmma.mma_async" in ptx)
+               mma="mma.sync" in ptx or "wgmma.mma_async" in ptx, tma_used="cp.async.bulk.tensor" in ptx)
     return rec
 
 
@@ -304,6 +307,8 @@ def violations(rec: dict, fail_on_spill: bool = False) -> list[str]:
     dtype_bf16 = "bfloat16" in rec["consts"].get("DOT_DTYPE", "")
     if rec["dot"] and rec["arch"] >= 90 and dtype_bf16 and rec["rows"] >= 64 and not rec["wgmma"]:
         bad.append("bf16 dot with >= 64-row tiles without wgmma")
+    if rec["tma"] and not rec["tma_used"]:
+        bad.append("asks for TMA but the PTX has no cp.async.bulk.tensor")
     if fail_on_spill and rec["spill_bytes"]:
         bad.append(f"spills {rec['spill_bytes']} bytes")
     return bad
@@ -340,6 +345,7 @@ def table(records: list[dict], fail_on_spill: bool = False) -> str:
             lines.append(f"| {r['family']} | {r['kernel']} | {r['label']} | {cfg} | no | | | | | | {issues} |")
             continue
         wg = ("yes" if r["wgmma"] else "mma.sync" if r["mma"] else "no") if r["dot"] else ""
+        wg += " + TMA" if r.get("tma_used") else ""
         lines.append(f"| {r['family']} | {r['kernel']} | {r['label']} | {cfg} | yes | {r['seconds']:.1f} | "
                      f"{r['shared'] / 1024:.1f} | {r['regs']} | {r['spill_bytes']} | {wg} | {issues} |")
     return "\n".join(lines)
@@ -347,7 +353,7 @@ def table(records: list[dict], fail_on_spill: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability as an int (90: Hopper, 80: Ampere)")
+    p.add_argument("--arch", type=int, default=90, choices=[90], help="compute capability (90: Hopper)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activation dtype of the plans")
     p.add_argument("--picks-only", action="store_true", help="skip autotune candidates (the CI subset)")
     p.add_argument("--fail-on-spill", action="store_true", help="count register spills as violations")
