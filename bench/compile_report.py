@@ -2,7 +2,7 @@
 
     python -m bench.compile_report                  # sm_90, bf16, launcher picks + every autotune candidate
     python -m bench.compile_report --dtype fp32     # the other dtype the kernels accept
-    python -m bench.compile_report --picks-only     # only what the launchers pick themselves (the CI subset)
+    python -m bench.compile_report --picks-only     # only what the launchers pick themselves (no autotune candidates)
 
 No GPU is needed: Triton compiles for `GPUTarget("cuda", arch, 32)` on the CPU, and the cuobjdump bundled in the
 Triton wheel reads the cubin's registers and stack (spill) bytes. Each plan below is derived from the project's own
@@ -69,6 +69,7 @@ def _tl(dtype: str):
 
 def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
     """Every launch the kernels/ launchers make at the speedrun shapes in `dtype` (activations), as plans."""
+    import torch
     import triton
 
     att = importlib.import_module("kernels.attention")
@@ -80,6 +81,7 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
     from kernels._launch import num_warps_for
 
     out: list[Plan] = []
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     dot_consts = {"DOT_DTYPE": _tl(dtype), "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     n_tok = 32768  # 16 x 2048 tokens
 
@@ -121,7 +123,6 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
                         ("softcap",), num_warps_for(block_v, lo=4, hi=8), ints={"ignore_index": -1}))
 
     # the ReLU^2 GEMM (kernels/matmul.py): every autotune candidate, every epilogue and layout the MLP uses
-    torch_dtype = {"bf16": _bf16(), "fp32": _f32()}[dtype]
     for name in mm.tune_configs(torch_dtype):
         cfg = mm.GEMM_CONFIGS[name]
         for epilogue, trans_b, label in ((1, True, "fwd relu2 x W_fc^T"), (2, False, "bwd relu2_grad dy W_proj")):
@@ -160,7 +161,7 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
 
     # Polar Express: the symmetric products (kernels/gram.py: _syrk_config) on the Muon stacks
     for m, kd in ((1536, 1536), (1536, 6144), (12, 12)):
-        bm, bk, warps, stages = gr._syrk_config(m, kd, {"bf16": _bf16(), "fp32": _f32()}[dtype], True)
+        bm, bk, warps, stages = gr._syrk_config(m, kd, torch_dtype, True)
         for has_d in (False, True):
             out.append(Plan("polar_express", "kernels.gram", "_syrk_kernel", f"m={m} k={kd} has_d={has_d}",
                             {"HAS_D": has_d, **dot_consts, "BLOCK_M": bm, "BLOCK_K": bk},
@@ -222,18 +223,6 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
                     {"ROW": 1536, "BLOCK": 2048}, {"KN": dtype, "VN": dtype, "KP": dtype, "VP": dtype,
                                                    "SLOTS": "i64"}))
     return [p for p in out if not (picks_only and p.autotune)]
-
-
-def _bf16():
-    import torch
-
-    return torch.bfloat16
-
-
-def _f32():
-    import torch
-
-    return torch.float32
 
 
 def _cuobjdump() -> str:
@@ -355,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, choices=[90], help="compute capability (90: Hopper)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activation dtype of the plans")
-    p.add_argument("--picks-only", action="store_true", help="skip autotune candidates (the CI subset)")
+    p.add_argument("--picks-only", action="store_true", help="skip the autotune candidates")
     p.add_argument("--fail-on-spill", action="store_true", help="count register spills as violations")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown record ('' : none)")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")

@@ -75,14 +75,19 @@ def dtype_error(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> 
     return TypeError(f"the Triton kernel takes {name} in {', '.join(map(str, dtypes))}, got {t.dtype}")
 
 
-def check_tensor(
-    name: str, t: object, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int = 0, floating: bool = True
-) -> torch.Tensor:
-    """Raise TypeError/ValueError unless ``t`` is a CPU or CUDA tensor of the expected rank and (floating) dtype."""
+def _check_tensor_device(name: str, t: object) -> None:
+    """TypeError unless ``t`` is a tensor, ValueError unless it lives on the CPU or a CUDA device (not meta)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} must be a CPU or CUDA tensor, got a tensor on {t.device}")
+
+
+def check_tensor(
+    name: str, t: object, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int = 0, floating: bool = True
+) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a CPU or CUDA tensor of the expected rank and (floating) dtype."""
+    _check_tensor_device(name, t)
     if floating and not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     if ndim is not None:
@@ -97,23 +102,17 @@ def check_tensor(
 def check_same_device(**tensors: torch.Tensor) -> None:
     """Raise TypeError unless all are tensors, ValueError unless they live on one device, a CPU or CUDA one."""
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_tensor_device(name, t)
     devices = {name: t.device for name, t in tensors.items()}
-    for name, dev in devices.items():
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"{name} must be a CPU or CUDA tensor, got a tensor on {dev}")
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {listing}")
 
 
 def check_eps(eps: float | None) -> None:
-    """Raise ValueError unless ``eps`` is None or a finite non-negative number."""
-    if eps is not None and (
-        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0
-    ):
-        raise ValueError(f"eps must be None or a finite non-negative float, got {eps!r}")
+    """Raise unless ``eps`` is None or a finite non-negative number (see ``check_number``)."""
+    if eps is not None:
+        check_number("eps", eps, lo=0.0)
 
 
 def check_number(name: str, v: object, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,

@@ -162,12 +162,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _no_kernel_reason(q: torch.Tensor, k: torch.Tensor) -> Exception | None:
-    """Why the kernels cannot take these inputs (float64, heads over 128, no keys), or None."""
-    if not 1 <= q.size(3) <= _MAX_HEAD_DIM:
-        return ValueError(f"the Triton kernel takes q with 1 <= head_dim <= {_MAX_HEAD_DIM}, got {q.size(3)}")
-    if k.size(1) == 0 and q.size(1) > 0:
-        return ValueError("attention needs at least one key: k has Tk = 0")
+def _no_kernel_reason(q: torch.Tensor) -> Exception | None:
+    """Why the kernels cannot take q (float64, heads over 128), or None (flash_attention has checked the rest)."""
+    if q.size(3) > _MAX_HEAD_DIM:
+        return ValueError(f"the Triton kernel takes q with head_dim <= {_MAX_HEAD_DIM}, got {q.size(3)}")
     return dtype_error("q", q, _KERNEL_DTYPES)
 
 
@@ -250,7 +248,7 @@ def flash_attention(
     if k.size(1) == 0 and q.size(1) > 0:
         raise ValueError("attention needs at least one key: k and v have Tk = 0 keys")
     _check_config(config)
-    if use_kernel(impl, q, k, v, unsupported=_no_kernel_reason(q, k)):
+    if use_kernel(impl, q, k, v, unsupported=_no_kernel_reason(q)):
         sm_scale = 1.0 / math.sqrt(q.size(3)) if scale is None else float(scale)
         if config is None and not q.is_cuda:
             config = INTERPRETER_CONFIG

@@ -24,14 +24,12 @@ can overflow it, switching to its Taylor series below |u| = 1/8 where 1 - e woul
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
 from kernels._launch import as_rows, num_warps_for
 
 __all__ = ["softcap_cross_entropy", "softcap_cross_entropy_ref"]
@@ -202,10 +200,7 @@ def check_ce_args(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__} {softcap!r}")
-        if not math.isfinite(softcap) or softcap < 0:
-            raise ValueError(f"softcap must be None, 0 (disabled) or a finite positive number, got {softcap!r}")
+        check_number("softcap", softcap, lo=0.0)  # 0 disables the cap
     if vocab < 1:
         raise ValueError(f"the vocabulary must be non-empty: {vocab_name} has size 0")
 
@@ -303,7 +298,8 @@ def softcap_cross_entropy_ref(
     # fp32 for bf16/fp16/fp32 logits; float64 stays float64 (useful for gradcheck).
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1))
     flat = targets.reshape(-1).long()  # F.cross_entropy takes int64 class ids only
-    z = z.masked_fill((flat == ignore_index)[:, None], 0.0)  # an ignored row's logits are never read (no NaN grad)
+    if z.requires_grad:  # an ignored row's logits must not reach its gradient (NaN there would stay NaN)
+        z = z.masked_fill((flat == ignore_index)[:, None], 0.0)
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     losses = F.cross_entropy(z, flat, ignore_index=ignore_index, reduction="none")

@@ -134,9 +134,9 @@ def _line_sumsq_kernel(
         x = tl.load(base + rs[None, :] * stride_r, mask=(lines[:, None] < L) & (rs[None, :] < R), other=0.0)
         x = x.to(tl.float32)
         new = tl.maximum(big, tl.max(tl.abs(x), axis=1))
-        safe = tl.where(new > 0.0, new, 1.0)
-        y = x / safe[:, None]
-        acc = acc * ((big / safe) * (big / safe)) + tl.sum(y * y, axis=1)
+        inv = 1.0 / tl.where(new > 0.0, new, 1.0)  # one division per line, not per element
+        y = x * inv[:, None]
+        acc = acc * ((big * inv) * (big * inv)) + tl.sum(y * y, axis=1)
         big = new
     tl.store(q_ptr + bk * L + lines, acc, mask=lines < L)
     tl.store(lmax_ptr + bk * L + lines, big, mask=lines < L)
@@ -294,15 +294,9 @@ def _check_post_args(X, params_stack, second_buf, lr, wd, beta2) -> None:
     check_number("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
 
 
-def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
-             out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
-    """Nesterov momentum and row equilibration for a Muon stack: the input of Polar Express.
-
-    grad_stack: (K, m, n) contiguous gradients, any float dtype (read as fp32). momentum_buf: (K, m, n) contiguous
-    fp32, updated IN PLACE to lerp(buf, G, 1 - mu). mu: the momentum. out_dtype: the Polar-Express dtype (default
-    bf16 on CUDA, fp32 elsewhere). Returns X (K, m, n) in out_dtype, every row of norm ||G'||_F / sqrt(m).
-    """
-    _check_pre_args(grad_stack, momentum_buf, mu, out_dtype)
+def _muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, out_dtype: torch.dtype | None,
+              impl: str) -> torch.Tensor:
+    """muon_pre on checked arguments."""
     out_dtype = out_dtype or _default_ns_dtype(grad_stack)
     if not use_kernel(impl, grad_stack, momentum_buf):
         return muon_pre_ref(grad_stack, momentum_buf, mu, out_dtype)
@@ -323,15 +317,9 @@ def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
     return x
 
 
-def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Tensor, lr: float, wd: float,
-              beta2: float, *, impl: str = "auto") -> None:
-    """Muon+ scaling, NorMuon variance reduction and the cautious-weight-decay update, IN PLACE.
-
-    X: (K, m, n) contiguous Polar-Express output, any float dtype. params_stack: (K, m, n) contiguous fp32, updated
-    in place: P -= lr' X + lr' wd P [X P >= 0] with lr' = lr sqrt(max(1, m / n)). second_buf: contiguous fp32,
-    (K, m, 1) when m >= n else (K, 1, n), updated in place to lerp(buf2, mean(X^2 over r), 1 - beta2).
-    """
-    _check_post_args(X, params_stack, second_buf, lr, wd, beta2)
+def _muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Tensor, lr: float, wd: float,
+               beta2: float, impl: str) -> None:
+    """muon_post on checked arguments."""
     K, m, n = X.shape
     row_lines = m >= n
     if not use_kernel(impl, X, params_stack, second_buf):
@@ -355,6 +343,30 @@ def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Ten
     _cautious_update_kernel[(triton.cdiv(m * n, block), K)](X, params_stack, coef, ratio, m * n, n, L, lr_eff,
                                                            lr_eff * wd, ROW_LINES=row_lines, BLOCK=block)
     return None
+
+
+def muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, *,
+             out_dtype: torch.dtype | None = None, impl: str = "auto") -> torch.Tensor:
+    """Nesterov momentum and row equilibration for a Muon stack: the input of Polar Express.
+
+    grad_stack: (K, m, n) contiguous gradients, any float dtype (read as fp32). momentum_buf: (K, m, n) contiguous
+    fp32, updated IN PLACE to lerp(buf, G, 1 - mu). mu: the momentum. out_dtype: the Polar-Express dtype (default
+    bf16 on CUDA, fp32 elsewhere). Returns X (K, m, n) in out_dtype, every row of norm ||G'||_F / sqrt(m).
+    """
+    _check_pre_args(grad_stack, momentum_buf, mu, out_dtype)
+    return _muon_pre(grad_stack, momentum_buf, mu, out_dtype, impl)
+
+
+def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Tensor, lr: float, wd: float,
+              beta2: float, *, impl: str = "auto") -> None:
+    """Muon+ scaling, NorMuon variance reduction and the cautious-weight-decay update, IN PLACE.
+
+    X: (K, m, n) contiguous Polar-Express output, any float dtype. params_stack: (K, m, n) contiguous fp32, updated
+    in place: P -= lr' X + lr' wd P [X P >= 0] with lr' = lr sqrt(max(1, m / n)). second_buf: contiguous fp32,
+    (K, m, 1) when m >= n else (K, 1, n), updated in place to lerp(buf2, mean(X^2 over r), 1 - beta2).
+    """
+    _check_post_args(X, params_stack, second_buf, lr, wd, beta2)
+    _muon_post(X, params_stack, second_buf, lr, wd, beta2, impl)
 
 
 def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
@@ -405,8 +417,8 @@ def muon_step_(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_bu
     _check_post_args(grad_stack, params_stack, second_buf, lr, wd, beta2)
     if type(ns_steps) is not int or not 0 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"ns_steps must be an int in [0, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps!r}")
-    X = muon_pre(grad_stack, momentum_buf, mu, out_dtype=ns_dtype, impl=impl)
-    muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl=impl)
+    X = _muon_pre(grad_stack, momentum_buf, mu, ns_dtype, impl)
+    _muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl)
 
 
 def muon_pre_ref(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float,
