@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from bench._util import BenchState, KernelBench  # noqa: E402
+from bench.cases import BenchState, KernelBench  # noqa: E402
 
 STORAGE = Path(__file__).resolve().parent / "results" / "pytest-benchmark"
 _DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's own default
@@ -65,9 +65,31 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+class _BenchmarkClock:
+    """The suite's clock under pytest: pytest-benchmark's fixture times the step (synchronized), and the case's
+    figures go into that benchmark's extra_info (saved with the run)."""
+
+    def __init__(self, request, device) -> None:
+        self._request, self._device, self._bench = request, device, None
+
+    def __call__(self, step, group):
+        from bench.common import sync
+
+        bench = self._bench = self._request.getfixturevalue("benchmark")
+        bench.group = group
+        bench(lambda: (step(), sync(self._device)))
+        stats = getattr(bench, "stats", None)  # None under --benchmark-disable: run once, untimed
+        return None if stats is None else float(stats.stats.median)
+
+    def record(self, extra) -> None:
+        self._bench.extra_info.update(extra)
+
+
 @pytest.fixture
 def kbench(request) -> KernelBench:
-    return KernelBench(request.config.stash[_STATE], lambda: request.getfixturevalue("benchmark"))
+    state = request.config.stash[_STATE]
+    device = "cuda" if state.timing else "cpu"
+    return KernelBench(state, _BenchmarkClock(request, device), device=device)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -95,6 +117,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     if not state.rows:
         return
+    from bench.common import write_result
+
+    path = write_result("kernels", state.payload())  # the same result file as `python -m bench.suite` writes
     tr.write_sep("-", "tritonchat: rate, fraction of ceiling, speedup of each implementation over the others")
     for line in state.summary_lines():
         tr.write_line(line)
+    tr.write_line(f"wrote {path}")

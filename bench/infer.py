@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
+
+from bench.common import Marks, sync, write_result
 
 VARIANTS = ("triton", "torch")
 
@@ -55,15 +56,12 @@ def measure(variant: str, args, device) -> dict:
     prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     engine.generate([prompts[0][:16]], SamplingParams(max_tokens=4, temperature=0.0, stop_tokens=[]))  # warm-up
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ids = [engine.add_request(p, params) for p in prompts]
-    sync()
-    t0 = time.perf_counter()
+    sync(device)
+    marks = Marks(device)
+    marks.mark()
     started: set[int] = set()
     produced, budget = 0, args.batch * (args.prompt_len + args.gen) + 8  # more steps than this: no progress
     while len(started) < len(ids):
@@ -74,24 +72,23 @@ def measure(variant: str, args, device) -> dict:
         budget -= 1
         if budget < 0:
             raise RuntimeError(f"the engine started only {len(started)} of {len(ids)} requests")
-    sync()
-    t1 = time.perf_counter()
+    marks.mark()
     decode_start = produced
     while engine.has_work():
         produced += sum(ev.token is not None for ev in engine.step())
         budget -= 1
         if budget < 0:
             raise RuntimeError("the engine did not finish the requests")
-    sync()
-    t2 = time.perf_counter()
+    marks.mark()
+    prefill_s, decode_s = marks.intervals()
     lengths = [len(engine.result(i).tokens) for i in ids]
     if lengths != [args.gen] * args.batch:
         raise RuntimeError(f"expected {args.gen} tokens per request, got {lengths}")
     decoded = produced - decode_start
     steps = max(1, args.gen - 1)
-    return {"variant": variant, "prefill_s": t1 - t0, "prefill_tok_s": args.batch * args.prompt_len / (t1 - t0),
-            "decode_s": t2 - t1, "decode_tok_s": decoded / (t2 - t1) if decoded else None,
-            "decode_ms_per_step": (t2 - t1) / steps * 1e3,
+    return {"variant": variant, "prefill_s": prefill_s, "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
+            "decode_s": decode_s, "decode_tok_s": decoded / decode_s if decoded else None,
+            "decode_ms_per_step": decode_s / steps * 1e3,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
@@ -122,6 +119,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run(args, device) -> dict:
+    """Measure every variant; the result payload."""
+    rows = [measure(v, args, device) for v in args.variants]
+    return {"depth": args.depth, "batch": args.batch, "prompt_len": args.prompt_len, "gen": args.gen,
+            "page_size": args.page_size, "prefill_chunk": args.prefill_chunk, "runs": rows}
+
+
+def print_table(payload: dict) -> None:
+    print(f"\ndepth {payload['depth']}: {payload['batch']} requests x {payload['prompt_len']} prompt tokens, "
+          f"{payload['gen']} new tokens each")
+    print(f"{'variant':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9} {'peak GiB':>9}")
+    for r in payload["runs"]:
+        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        dec = "n/a" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:,.0f}"
+        print(f"{r['variant']:8} {r['prefill_tok_s']:14,.0f} {dec:>13} {r['decode_ms_per_step']:9.2f} {peak:>9}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -132,20 +146,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
     _engine_api()
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    rows = [measure(v, args, device) for v in args.variants]
-    payload = {"depth": args.depth, "batch": args.batch, "prompt_len": args.prompt_len, "gen": args.gen,
-               "page_size": args.page_size, "prefill_chunk": args.prefill_chunk, "runs": rows}
+    payload = run(args, torch.device("cpu" if args.dry_run else "cuda"))
     if not args.dry_run or args.out:
-        from bench.common import write_result
-
         print(f"wrote {write_result('infer', payload, Path(args.out) if args.out else None)}")
-    print(f"\ndepth {args.depth}: {args.batch} requests x {args.prompt_len} prompt tokens, {args.gen} new tokens each")
-    print(f"{'variant':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>9} {'peak GiB':>9}")
-    for r in rows:
-        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        dec = "n/a" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:,.0f}"
-        print(f"{r['variant']:8} {r['prefill_tok_s']:14,.0f} {dec:>13} {r['decode_ms_per_step']:9.2f} {peak:>9}")
+    print_table(payload)
     return 0
 
 

@@ -1,11 +1,11 @@
 """PNG charts from the result files: kernel speedups, achieved vs ceiling, and training tok/s across depths.
 
     python -m bench.plot                          # reads bench/results/, writes bench/results/plots/*.png
-    python -m bench.plot --kernels FILE.json      # a given pytest-benchmark run instead of the newest one
+    python -m bench.plot --kernels FILE.json      # a given kernels result instead of the newest one
 
     speedup.png   each kernel case's Triton speedup over every baseline (eager, torch.compile, Liger, ...), from
-                  the newest `pytest bench/ --benchmark` JSON (bench/results/pytest-benchmark/) and the "ratios"
-                  of the per-op scripts' results (bench/results/<op>_*.json)
+                  the newest kernels result (bench/results/kernels_*.json, written by `python -m bench.suite` and
+                  by `pytest bench/ --benchmark`)
     ceiling.png   roofline-style: each implementation's achieved GB/s over the measured copy bandwidth
                   (memory-bound cases) or TFLOP/s over the measured cuBLAS bf16 rate (matmul-bound cases)
     depths.png    tokens/s per GPU of full training steps against depth, one line per device, variant and
@@ -19,50 +19,47 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench._util import load_json
+from bench.common import load_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ---- data (pure) ---------------------------------------------------------------------------------------------
 def newest_kernel_run(results_dir: Path) -> Path | None:
-    """The newest pytest-benchmark JSON under results_dir/pytest-benchmark (by its "datetime" field)."""
+    """The newest kernels result under results_dir (by its environment's time)."""
     found = []
-    for path in (Path(results_dir) / "pytest-benchmark").rglob("*.json"):
+    for path in Path(results_dir).glob("kernels_*.json"):
         try:
-            found.append((str(load_json(path).get("datetime", "")), path))
+            r = load_json(path)
         except ValueError:
             continue
+        if r.get("name") == "kernels":
+            found.append((str(r.get("env", {}).get("time_utc", "")), path))
     return max(found)[1] if found else None
 
 
-def speedups(kernel_run: dict | None, script_results: list[dict] = ()) -> list[tuple[str, str, float]]:
-    """(case, baseline, speedup of triton over it) from a pytest-benchmark run and the per-op scripts' ratios."""
+def _rows(kernel_run: dict | None) -> list[dict]:
+    return [r for r in (kernel_run or {}).get("rows", []) if isinstance(r, dict)]
+
+
+def speedups(kernel_run: dict | None) -> list[tuple[str, str, float]]:
+    """(case, baseline, speedup of triton over it) from a kernels result."""
     out = []
-    for b in (kernel_run or {}).get("benchmarks", []):
-        info = b.get("extra_info", {})
-        if info.get("impl") == "triton":
-            for key, v in sorted(info.items()):
+    for r in _rows(kernel_run):
+        if r.get("impl") == "triton":
+            for key, v in sorted(r.items()):
                 if key.startswith("speedup_vs_") and isinstance(v, (int, float)):
-                    out.append((b.get("group", b.get("name", "?")), key[len("speedup_vs_"):], float(v)))
-    for r in script_results:
-        ratios = r.get("ratios")
-        if isinstance(ratios, dict):
-            for label, v in ratios.items():
-                if isinstance(v, (int, float)) and " vs " in label:
-                    case, baseline = label.rsplit(" vs ", 1)
-                    out.append((f"{r.get('name', '?')}: {case}", baseline, float(v)))
+                    out.append((str(r.get("group", "?")), key[len("speedup_vs_"):], float(v)))
     return out
 
 
 def ceiling_fractions(kernel_run: dict | None) -> list[tuple[str, str, float, str]]:
     """(case, impl, achieved / ceiling, "bytes" or "flops") for every timed case that had a ceiling."""
     out = []
-    for b in (kernel_run or {}).get("benchmarks", []):
-        info = b.get("extra_info", {})
-        if isinstance(info.get("ceiling_fraction"), (int, float)):
-            kind = "bytes" if "gbps" in info else "flops"
-            out.append((b.get("group", "?"), str(info.get("impl", "?")), float(info["ceiling_fraction"]), kind))
+    for r in _rows(kernel_run):
+        if isinstance(r.get("ceiling_fraction"), (int, float)):
+            kind = "bytes" if "gbps" in r else "flops"
+            out.append((str(r.get("group", "?")), str(r.get("impl", "?")), float(r["ceiling_fraction"]), kind))
     return out
 
 
@@ -83,19 +80,17 @@ def depth_series(train_results: list[dict]) -> dict[str, list[tuple[int, float]]
     return series
 
 
-def load_results(results_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train_step results, other script results with ratios) under results_dir (not recursive)."""
-    train, scripts = [], []
-    for path in sorted(Path(results_dir).glob("*.json")):
+def load_results(results_dir: Path) -> list[dict]:
+    """The train_step results under results_dir (not recursive)."""
+    train = []
+    for path in sorted(Path(results_dir).glob("train_step_*.json")):
         try:
             r = load_json(path)
         except ValueError:
             continue
         if r.get("name") == "train_step":
             train.append(r)
-        elif isinstance(r.get("ratios"), dict):
-            scripts.append(r)
-    return train, scripts
+    return train
 
 
 # ---- drawing -------------------------------------------------------------------------------------------------
@@ -159,14 +154,14 @@ def draw_depths(series, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder (default bench/results)")
-    p.add_argument("--kernels", type=Path, default=None, help="a pytest-benchmark JSON (default: the newest)")
+    p.add_argument("--kernels", type=Path, default=None, help="a kernels result JSON (default: the newest)")
     p.add_argument("--out", type=Path, default=None, help="where the PNGs go (default <results>/plots)")
     args = p.parse_args(argv)
     out = args.out or args.results / "plots"
     kernel_path = args.kernels or newest_kernel_run(args.results)
     kernel_run = load_json(kernel_path) if kernel_path else None
-    train, scripts = load_results(args.results)
-    charts = [("speedup.png", speedups(kernel_run, scripts), draw_speedups, "kernel speedups"),
+    train = load_results(args.results)
+    charts = [("speedup.png", speedups(kernel_run), draw_speedups, "kernel speedups"),
               ("ceiling.png", ceiling_fractions(kernel_run), draw_ceilings, "timed kernel cases with ceilings"),
               ("depths.png", depth_series(train), draw_depths, "train_step results")]
     if not any(rows for _, rows, _, _ in charts):

@@ -7,18 +7,16 @@ import pytest
 from bench import plot
 
 
-def kernel_run(stamp="2026-03-02T10:00:00+00:00", triton_ms=1.0):
-    """A pytest-benchmark JSON as `pytest bench/ --benchmark` saves it (only the fields the charts read)."""
+def kernel_run(stamp="2026-03-02T10:00:00Z"):
+    """A kernels result as bench.suite and `pytest bench/ --benchmark` write it (only the fields the charts read)."""
     group = "rms_norm N32768xC1536 fwd"
-    return {"datetime": stamp, "benchmarks": [
-        {"group": group, "name": "test_kernel[eager]",
-         "extra_info": {"impl": "eager", "gbps": 900.0, "ceiling_fraction": 0.3, "speedup_vs_triton": 1 / 3}},
-        {"group": group, "name": "test_kernel[triton]",
-         "extra_info": {"impl": "triton", "gbps": 2700.0, "ceiling_fraction": 0.9, "speedup_vs_eager": 3.0,
-                        "speedup_vs_compile": 1.25}},
-        {"group": "relu2_mlp N32768xC1536xHd6144 fwd+bwd", "name": "test_kernel[triton-mlp]",
-         "extra_info": {"impl": "triton", "tflops": 600.0, "ceiling_fraction": 0.75, "speedup_vs_eager": 1.2}},
-        {"group": "ceiling copy", "name": "test_ceiling[copy]", "extra_info": {"impl": "torch", "gbps": 3000.0}},
+    return {"name": "kernels", "env": {"time_utc": stamp}, "rows": [
+        {"group": group, "impl": "eager", "gbps": 900.0, "ceiling_fraction": 0.3, "speedup_vs_triton": 1 / 3},
+        {"group": group, "impl": "triton", "gbps": 2700.0, "ceiling_fraction": 0.9, "speedup_vs_eager": 3.0,
+         "speedup_vs_compile": 1.25},
+        {"group": "relu2_mlp N32768xC1536xHd6144 fwd+bwd", "impl": "triton", "tflops": 600.0,
+         "ceiling_fraction": 0.75, "speedup_vs_eager": 1.2},
+        {"group": "ceiling copy", "impl": "torch", "gbps": 3000.0},
     ]}
 
 
@@ -28,13 +26,12 @@ def train_result(depth, tok_s, stamp, device="NVIDIA H100 80GB HBM3"):
                      {"variant": "eager", "batch": 16, "error": "out of memory"}]}
 
 
-def test_speedups_take_triton_rows_and_script_ratios():
-    rows = plot.speedups(kernel_run(), [{"name": "mlp", "ratios": {"C=1536 fwd triton vs eager": 1.3, "junk": 2}}])
+def test_speedups_take_triton_rows():
+    rows = plot.speedups(kernel_run())
     assert ("rms_norm N32768xC1536 fwd", "eager", 3.0) in rows
     assert ("rms_norm N32768xC1536 fwd", "compile", 1.25) in rows
-    assert ("mlp: C=1536 fwd triton", "eager", 1.3) in rows
     assert all(base != "triton" for _, base, _ in rows)  # the baselines' own ratios are not triton speedups
-    assert len(rows) == 4
+    assert len(rows) == 3
 
 
 def test_ceiling_fractions_tell_memory_from_matmul_bound():
@@ -52,18 +49,14 @@ def test_depth_series_keeps_the_newest_result_per_depth():
 
 
 def test_newest_kernel_run_and_results_loading(tmp_path):
-    store = tmp_path / "pytest-benchmark" / "Linux-CPython-3.12-64bit"
-    store.mkdir(parents=True)
-    (store / "0001_a.json").write_text(json.dumps(kernel_run("2026-03-01T00:00:00+00:00")))
-    (store / "0002_b.json").write_text(json.dumps(kernel_run("2026-03-05T00:00:00+00:00")))
-    (store / "0003_broken.json").write_text("{")
-    assert plot.newest_kernel_run(tmp_path).name == "0002_b.json"
+    (tmp_path / "kernels_h100_1.json").write_text(json.dumps(kernel_run("2026-03-01T00:00:00Z")))
+    (tmp_path / "kernels_h100_2.json").write_text(json.dumps(kernel_run("2026-03-05T00:00:00Z")))
+    (tmp_path / "kernels_broken.json").write_text("{")
+    assert plot.newest_kernel_run(tmp_path).name == "kernels_h100_2.json"
     assert plot.newest_kernel_run(tmp_path / "nothing") is None
     (tmp_path / "train_step_x.json").write_text(json.dumps(train_result(24, 1e5, "2026-03-01T00:00:00Z")))
-    (tmp_path / "mlp_x.json").write_text(json.dumps({"name": "mlp", "ratios": {"a vs b": 1.0}}))
     (tmp_path / "infer_x.json").write_text(json.dumps({"name": "infer", "runs": []}))
-    train, scripts = plot.load_results(tmp_path)
-    assert [r["name"] for r in train] == ["train_step"] and [r["name"] for r in scripts] == ["mlp"]
+    assert [r["name"] for r in plot.load_results(tmp_path)] == ["train_step"]
 
 
 def test_no_results_is_said_plainly(tmp_path, capsys):
@@ -74,9 +67,7 @@ def test_no_results_is_said_plainly(tmp_path, capsys):
 
 def test_charts_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    store = tmp_path / "pytest-benchmark" / "m"
-    store.mkdir(parents=True)
-    (store / "0001_run.json").write_text(json.dumps(kernel_run()))
+    (tmp_path / "kernels_h100_1.json").write_text(json.dumps(kernel_run()))
     for depth, tok_s in ((12, 3e5), (24, 1.1e5)):
         (tmp_path / f"train_step_d{depth}.json").write_text(
             json.dumps(train_result(depth, tok_s, "2026-03-01T00:00:00Z")))

@@ -33,11 +33,10 @@ import gc
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench._util import RECORD_GPUS, RECORD_HOURS, RECORD_LABEL
+from bench.common import RECORD_GPUS, RECORD_HOURS, RECORD_LABEL, Marks, median, write_result
 
 VARIANTS = ("triton", "eager", "compile")
 SPEEDRUN_RATIO = 8.0  # tokens per scaling parameter of the speedrun recipe (SPEC §7)
@@ -93,11 +92,6 @@ def accumulation(total_batch: int, gpus: int, batch: int, seq_len: int) -> int:
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
-
-
 def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: int, device, compile_backend: str,
             seed: int = 0) -> dict:
     """Build the model and optimizer for `variant`, run warmup + steps full training steps on random tokens,
@@ -123,26 +117,18 @@ def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: in
         torch.cuda.reset_peak_memory_stats()
 
     def step() -> tuple[float, float, float]:
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
-        t0 = time.perf_counter()
-        if cuda:
-            marks[0].record()
+        marks = Marks(device)
+        marks.mark()
         loss0 = None
         for i in range(accum):
             loss = forward(rows[i, :, :-1], rows[i, :, 1:])
             (loss / accum).backward()
             loss0 = loss.detach() if loss0 is None else loss0
-        if cuda:
-            marks[1].record()
-        t1 = time.perf_counter()
+        marks.mark()
         opt.step()
         model.zero_grad(set_to_none=True)
-        if cuda:
-            marks[2].record()
-            torch.cuda.synchronize()
-            fb, op = marks[0].elapsed_time(marks[1]) / 1e3, marks[1].elapsed_time(marks[2]) / 1e3
-        else:
-            fb, op = t1 - t0, time.perf_counter() - t1
+        marks.mark()
+        fb, op = marks.intervals()
         return fb, op, float(loss0)
 
     first_loss = None
@@ -155,7 +141,7 @@ def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: in
         first_loss = loss if first_loss is None else first_loss
         fbs.append(fb)
         ops.append(op)
-    out = {"step_s": _median([a + b for a, b in zip(fbs, ops)]), "fwd_bwd_s": _median(fbs), "opt_s": _median(ops),
+    out = {"step_s": median([a + b for a, b in zip(fbs, ops)]), "fwd_bwd_s": median(fbs), "opt_s": median(ops),
            "first_loss": first_loss, "last_loss": loss,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     return out
@@ -288,8 +274,6 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: Triton on CPU tensors
     payload, errors = run(args)
     if not args.dry_run or args.out:
-        from bench.common import write_result
-
         print(f"wrote {write_result('train_step', payload, Path(args.out) if args.out else None)}")
     print_table(payload)
     for e in errors:
