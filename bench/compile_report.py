@@ -3,6 +3,7 @@
     python -m bench.compile_report                  # sm_90, bf16, launcher picks + every autotune candidate
     python -m bench.compile_report --dtype fp32     # the other dtype the kernels accept
     python -m bench.compile_report --picks-only     # only what the launchers pick themselves (no autotune candidates)
+    python -m bench.compile_report --arch 80        # Ampere (A100): the same plans less the TMA ones
 
 No GPU is needed: Triton compiles for `GPUTarget("cuda", arch, 32)` on the CPU, and the cuobjdump bundled in the
 Triton wheel reads the cubin's registers and stack (spill) bytes. Each plan below is derived from the project's own
@@ -13,8 +14,9 @@ autotune spaces (`kernels.attention.autotune_space`, `kernels.matmul.tune_config
 
 Recorded per plan: compile success and seconds, shared memory (bytes) against the architecture's per-block limit,
 registers, stack bytes (> 0: registers spilled to local memory), and for kernels with a `tl.dot` whether the PTX
-holds warpgroup MMA (`wgmma`, sm_90) or `mma.sync`. Violations: a failed or slow compile, shared memory over the
-limit, a bf16 dot kernel with tiles of 64 rows or more that does not use `wgmma` on sm_90, and with --fail-on-spill
+holds warpgroup MMA (`wgmma`, sm_90) or `mma.sync`. Each compile is stopped after --timeout seconds (default 60).
+Violations: a failed compile or one stopped by the timeout, shared memory over the limit, a bf16 dot kernel
+with tiles of 64 rows or more that does not use `wgmma` on sm_90, and with --fail-on-spill
 (what CI runs) any spilled register. Writes bench/results/compile_report_sm{arch}_{dtype}.json and .md; exits 1 on a
 violation. A plan that asks for TMA (the persistent GEMM's host-side descriptors) must show cp.async.bulk.tensor.
 """
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
-SLOW_COMPILE_S = 60.0
+SLOW_COMPILE_S = 60.0  # a plan that has not finished compiling by then is stopped and counted as a violation
 # An integer argument the plan does not name takes this value: the speedrun shapes' sizes and strides are multiples
 # of 16 (C = 1536, D = 128, T = 2048, N = 32768, V = 32768), which Triton specializes as 16-divisible.
 DEFAULT_INT = 4096
@@ -231,8 +233,39 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def compile_plan(plan: Plan, arch: int = 90) -> dict:
-    """Compile one plan; returns its record (see the module docstring)."""
+class CompileTimeout(Exception):
+    """A plan did not finish compiling in time."""
+
+
+def _alarm(seconds: float):
+    """A context that raises CompileTimeout in this (main) thread after ``seconds``; the ptxas child that Triton
+    waits for is killed by subprocess.run as the exception passes. A no-op off the main thread or off POSIX."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def ctx():
+        if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def fire(signum, frame):
+            raise CompileTimeout(f"did not finish compiling within {seconds:g} s")
+
+        old = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+    return ctx()
+
+
+def compile_plan(plan: Plan, arch: int = 90, timeout: float = SLOW_COMPILE_S) -> dict:
+    """Compile one plan, stopping it after ``timeout`` seconds; returns its record (see the module docstring)."""
     rec = {**asdict(plan), "consts": {k: str(v) for k, v in plan.consts.items()}, "arch": arch}
     import triton
     from triton.backends.compiler import GPUTarget
@@ -262,8 +295,12 @@ def compile_plan(plan: Plan, arch: int = 90) -> dict:
                     attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     try:
-        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+        with _alarm(timeout):
+            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+    except CompileTimeout as e:
+        rec.update(ok=False, timed_out=True, error=str(e), seconds=round(time.perf_counter() - start, 2))
+        return rec
     except Exception as e:  # noqa: BLE001 - a compile failure is a finding, recorded with its message
         rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-400:]}", seconds=time.perf_counter() - start)
         return rec
@@ -286,9 +323,9 @@ def violations(rec: dict, fail_on_spill: bool = False) -> list[str]:
     if rec.get("ok") is None:
         return []
     if not rec["ok"]:
-        return ["compile failed"]
+        return [rec["error"] if rec.get("timed_out") else "compile failed"]
     bad = []
-    if rec["seconds"] > SLOW_COMPILE_S:
+    if rec["seconds"] > SLOW_COMPILE_S:  # (a timeout below this limit stops a compile before it gets here)
         bad.append(f"compile took {rec['seconds']:.0f} s")
     limit = SHARED_LIMIT.get(rec["arch"])
     if limit and rec["shared"] > limit:
@@ -303,9 +340,15 @@ def violations(rec: dict, fail_on_spill: bool = False) -> list[str]:
     return bad
 
 
-def run(dtype: str = "bf16", arch: int = 90, picks_only: bool = False, workers: int | None = None) -> list[dict]:
-    """Compile every plan (in worker processes: ptxas and the MLIR passes are CPU-bound)."""
-    todo = plans(dtype, picks_only)
+def reachable(todo: list[Plan], arch: int) -> list[Plan]:
+    """The plans a launcher can pick on ``arch``: no TMA config below sm_90 (kernels.matmul checks the capability)."""
+    return [p for p in todo if arch >= 90 or not p.tma]
+
+
+def run(dtype: str = "bf16", arch: int = 90, picks_only: bool = False, workers: int | None = None,
+        timeout: float = SLOW_COMPILE_S) -> list[dict]:
+    """Compile every reachable plan (in worker processes: ptxas and the MLIR passes are CPU-bound)."""
+    todo = reachable(plans(dtype, picks_only), arch)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     # Fresh processes with the interpreter off: Triton decides when a kernel module is imported whether its kernels
     # are interpreted, and this process may have imported kernels/ under TRITON_INTERPRET=1 (the test suite does).
@@ -313,7 +356,7 @@ def run(dtype: str = "bf16", arch: int = 90, picks_only: bool = False, workers: 
     os.environ["TRITON_INTERPRET"] = "0"  # for the workers, which start as tasks arrive
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(compile_plan, todo, [arch] * len(todo)))
+            return list(pool.map(compile_plan, todo, [arch] * len(todo), [timeout] * len(todo)))
     finally:
         if env is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -342,21 +385,27 @@ def table(records: list[dict], fail_on_spill: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", type=int, default=90, choices=[90], help="compute capability (90: Hopper)")
+    p.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                   help="compute capability (90: Hopper, 80: Ampere)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activation dtype of the plans")
     p.add_argument("--picks-only", action="store_true", help="skip the autotune candidates")
     p.add_argument("--fail-on-spill", action="store_true", help="count register spills as violations")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown record ('' : none)")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
+    p.add_argument("--timeout", type=float, default=SLOW_COMPILE_S,
+                   help="seconds after which a plan's compile is stopped (a violation)")
     args = p.parse_args(argv)
+    if not args.timeout > 0:
+        p.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     start = time.perf_counter()
-    records = run(args.dtype, args.arch, args.picks_only, args.workers)
+    records = run(args.dtype, args.arch, args.picks_only, args.workers, args.timeout)
     wall = time.perf_counter() - start
     bad = {f"{r['kernel']} [{r['label']}]": v for r in records if (v := violations(r, args.fail_on_spill))}
     spills = [r for r in records if r.get("spill_bytes")]
     summary = {"arch": args.arch, "dtype": args.dtype, "plans": len(records), "wall_s": round(wall, 1),
                "compiled": sum(1 for r in records if r.get("ok")),
                "failed": sum(1 for r in records if r.get("ok") is False),
+               "timed_out": sum(1 for r in records if r.get("timed_out")),
                "not_compiled": sum(1 for r in records if r.get("ok") is None), "spilling": len(spills),
                "violations": bad}
     if args.out:

@@ -23,3 +23,24 @@ def test_bf16_speedrun_configs_compile_clean_for_sm90(tmp_path):
     assert families >= {"rms_norm", "rope_qk_norm", "linear_softcap_ce", "relu2_mlp", "flash_attention",
                         "polar_express", "muon", "paged_attention"}
     assert all(r["wgmma"] for r in report["records"] if r["ok"] and r["dot"] and r["rows"] >= 64)
+
+
+def test_a_compile_that_does_not_finish_is_stopped_and_is_a_violation():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(compile_report.CompileTimeout, match="within 0.2 s"):
+        with compile_report._alarm(0.2):
+            time.sleep(5)
+    assert time.monotonic() - start < 2
+    rec = {"ok": False, "timed_out": True, "error": "did not finish compiling within 60 s"}
+    assert compile_report.violations(rec) == ["did not finish compiling within 60 s"]
+    assert compile_report.violations({"ok": False, "error": "x"}) == ["compile failed"]
+
+
+def test_ampere_leaves_out_the_tma_plans_and_keeps_the_rest():
+    plans = compile_report.plans("bf16")
+    ampere = compile_report.reachable(plans, 80)
+    assert any(p.tma for p in plans) and not any(p.tma for p in ampere)
+    assert len(ampere) == sum(not p.tma for p in plans) and compile_report.reachable(plans, 90) == plans
+    assert compile_report.SHARED_LIMIT[80] < compile_report.SHARED_LIMIT[90]
