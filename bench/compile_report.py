@@ -4,6 +4,7 @@
     python -m bench.compile_report --dtype fp32     # the other dtype the kernels accept
     python -m bench.compile_report --picks-only     # only what the launchers pick themselves (no autotune candidates)
     python -m bench.compile_report --arch 80        # Ampere (A100): the same plans less the TMA ones
+    python -m bench.compile_report --family flash_attention --out ''   # one op's plans, no record written
 
 No GPU is needed: Triton compiles for `GPUTarget("cuda", arch, 32)` on the CPU, and the cuobjdump bundled in the
 Triton wheel reads the cubin's registers and stack (spill) bytes. Each plan below is derived from the project's own
@@ -69,8 +70,9 @@ def _tl(dtype: str):
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
 
 
-def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
-    """Every launch the kernels/ launchers make at the speedrun shapes in `dtype` (activations), as plans."""
+def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ...] = ()) -> list[Plan]:
+    """Every launch the kernels/ launchers make at the speedrun shapes in `dtype` (activations), as plans; only the
+    plans of `families` (Plan.family names) when given."""
     import torch
     import triton
 
@@ -224,7 +226,7 @@ def plans(dtype: str = "bf16", picks_only: bool = False) -> list[Plan]:
     out.append(Plan("paged_attention", "kernels.paged_attention", "_append_kernel", "Hkv*D=1536",
                     {"ROW": 1536, "BLOCK": 2048}, {"KN": dtype, "VN": dtype, "KP": dtype, "VP": dtype,
                                                    "SLOTS": "i64"}))
-    return [p for p in out if not (picks_only and p.autotune)]
+    return [p for p in out if not (picks_only and p.autotune) and (not families or p.family in families)]
 
 
 def _cuobjdump() -> str:
@@ -346,9 +348,9 @@ def reachable(todo: list[Plan], arch: int) -> list[Plan]:
 
 
 def run(dtype: str = "bf16", arch: int = 90, picks_only: bool = False, workers: int | None = None,
-        timeout: float = SLOW_COMPILE_S) -> list[dict]:
+        families: tuple[str, ...] = (), timeout: float = SLOW_COMPILE_S) -> list[dict]:
     """Compile every reachable plan (in worker processes: ptxas and the MLIR passes are CPU-bound)."""
-    todo = reachable(plans(dtype, picks_only), arch)
+    todo = reachable(plans(dtype, picks_only, families), arch)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     # Fresh processes with the interpreter off: Triton decides when a kernel module is imported whether its kernels
     # are interpreted, and this process may have imported kernels/ under TRITON_INTERPRET=1 (the test suite does).
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute capability (90: Hopper, 80: Ampere)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="activation dtype of the plans")
     p.add_argument("--picks-only", action="store_true", help="skip the autotune candidates")
+    p.add_argument("--family", action="append", default=[],
+                   help="only this op's plans (a Plan.family such as flash_attention; repeatable)")
     p.add_argument("--fail-on-spill", action="store_true", help="count register spills as violations")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown record ('' : none)")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
@@ -398,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.timeout > 0:
         p.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     start = time.perf_counter()
-    records = run(args.dtype, args.arch, args.picks_only, args.workers, args.timeout)
+    records = run(args.dtype, args.arch, args.picks_only, args.workers, tuple(args.family), args.timeout)
     wall = time.perf_counter() - start
     bad = {f"{r['kernel']} [{r['label']}]": v for r in records if (v := violations(r, args.fail_on_spill))}
     spills = [r for r in records if r.get("spill_bytes")]
@@ -413,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"compile_report_sm{args.arch}_{args.dtype}" + ("_picks" if args.picks_only else "")
+        stem = (f"compile_report_sm{args.arch}_{args.dtype}" + ("_picks" if args.picks_only else "")
+                + "".join(f"_{f}" for f in args.family))
         (out / f"{stem}.json").write_text(json.dumps({"summary": summary, "environment": environment(),
                                                        "records": records}, indent=1, default=str))
         (out / f"{stem}.md").write_text(f"# Compile report: sm_{args.arch}, {args.dtype}\n\n"

@@ -43,6 +43,8 @@ ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
     "h128_i64_w8_s3": (128, 64, 8, 3),
     "h128_i128_w8_s2": (128, 128, 8, 2),
     "h128_i32_w4_s3": (128, 32, 4, 3),
+    "h128_i32_w8_s3": (128, 32, 8, 3),
+    "h128_i32_w8_s4": (128, 32, 8, 4),
     "h64_i64_w4_s3": (64, 64, 4, 3),
     "h64_i32_w4_s4": (64, 32, 4, 4),
     "h16_i16_w4_s1": (16, 16, 4, 1),  # short sequences and one-token decode; many tile boundaries in tests
@@ -51,10 +53,13 @@ ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
 
 # What the autotuner may pick, per kernel and operand width: `python -m bench.compile_report` compiles each for
 # sm_90 at D = 128, and every candidate here fits shared memory and spills no register (the other named configs
-# spill: 128x128 and 128x32 tiles in every kernel, and the dK/dV kernel beyond 32x64). fp32 operands take twice
-# the shared memory and registers: at D = 128 even 32x32 tiles spill, so fp32 runs 16x16 tiles only.
+# spill: 128x128 tiles in every kernel, 128x32 at 4 warps). The dK/dV kernel holds two 128 x D fp32 accumulators
+# (64 registers per thread each at 8 warps) beside the S^T and dP^T tiles, so its 128-key tiles step 32 query rows
+# (224 registers at 3 stages); stepping 64 rows needs ~256 and spills at every pipelined depth (72-216 bytes at 2-4
+# stages; only the unpipelined 1-stage compile fits, at 254, with nothing to hide its load latency at 1 block/SM).
+# fp32 operands take twice the shared memory and registers: at D = 128 even 32x32 tiles spill, so fp32 runs 16x16.
 _SPACE_16BIT = ("h128_i64_w8_s3", "h64_i64_w4_s3", "h64_i32_w4_s4", "h16_i16_w4_s1")
-_SPACE_DKDV_16BIT = ("h64_i32_w4_s4", "h16_i16_w4_s1")
+_SPACE_DKDV_16BIT = ("h128_i32_w8_s3", "h128_i32_w8_s4", "h64_i32_w4_s4", "h16_i16_w4_s1")
 _SPACE_FP32 = ("h16_i16_w4_s1",)
 
 

@@ -180,6 +180,7 @@ KERNEL_CASES = [  # (B, Tq, Tk, H, Hkv, D, window, causal, config)
     (1, 45, 45, 2, 2, 16, 0, True, "h128_i128_w8_s2"),
     (1, 40, 40, 2, 1, 128, 7, True, "h64_i32_w4_s4"),  # the model's head_dim
     (1, 50, 50, 2, 2, 64, None, True, "h128_i32_w4_s3"),
+    (1, 290, 290, 4, 2, 16, 100, True, "h128_i32_w8_s3"),  # the dK/dV pick: 128 keys, every row phase, GQA
     (1, 33, 33, 2, 1, 24, 3, True, "h64_i32_w4_s4"),  # head_dim padded to 32
     (1, 37, 100, 4, 2, 16, 7, True, "h16_i16_w4_s1"),  # queries are the last Tq positions
     (1, 1, 77, 4, 1, 32, None, True, "h64_i32_w4_s4"),  # one-token decode
