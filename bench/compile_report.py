@@ -70,9 +70,9 @@ def _tl(dtype: str):
     return {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
 
 
-def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ...] = ()) -> list[Plan]:
-    """Every launch the kernels/ launchers make at the speedrun shapes in `dtype` (activations), as plans; only the
-    plans of `families` (Plan.family names) when given."""
+def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ...] = (), arch: int = 90) -> list[Plan]:
+    """Every launch the kernels/ launchers make at the speedrun shapes in `dtype` (activations) on sm_`arch`, as
+    plans; only the plans of `families` (Plan.family names) when given."""
     import torch
     import triton
 
@@ -149,7 +149,7 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
     # flash attention (kernels/attention.py): every candidate of the autotune space, D = 128, causal + window
     for kind, kernel, held_is_m in (("fwd", "attn_fwd_kernel", True), ("dq", "attn_bwd_dq_kernel", True),
                                     ("dkdv", "attn_bwd_dkdv_kernel", False)):
-        for name in att.autotune_space(kind, torch_dtype):
+        for name in att.autotune_space(kind, torch_dtype, arch // 10):
             _, _, warps, stages = att.ATTENTION_CONFIGS[name]
             blocks = att._blocks(name, held_is_m)
             consts = {"GROUP": 1, "CAUSAL": True, "WINDOWED": True, "HEAD_DIM": 128, "BLOCK_D": 128, **blocks,
@@ -350,7 +350,7 @@ def reachable(todo: list[Plan], arch: int) -> list[Plan]:
 def run(dtype: str = "bf16", arch: int = 90, picks_only: bool = False, workers: int | None = None,
         families: tuple[str, ...] = (), timeout: float = SLOW_COMPILE_S) -> list[dict]:
     """Compile every reachable plan (in worker processes: ptxas and the MLIR passes are CPU-bound)."""
-    todo = reachable(plans(dtype, picks_only, families), arch)
+    todo = reachable(plans(dtype, picks_only, families, arch), arch)
     workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
     # Fresh processes with the interpreter off: Triton decides when a kernel module is imported whether its kernels
     # are interpreted, and this process may have imported kernels/ under TRITON_INTERPRET=1 (the test suite does).

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
-from kernels._launch import autotune, dot_meta, last_dim_contiguous
+from kernels._launch import autotune, capability_major, dot_meta, last_dim_contiguous
 from kernels.flash_attention_kernels import (
     attn_bwd_delta_kernel,
     attn_bwd_dkdv_kernel,
@@ -61,6 +61,9 @@ ATTENTION_CONFIGS: dict[str, tuple[int, int, int, int]] = {
 _SPACE_16BIT = ("h128_i64_w8_s3", "h64_i64_w4_s3", "h64_i32_w4_s4", "h16_i16_w4_s1")
 _SPACE_DKDV_16BIT = ("h128_i32_w8_s3", "h128_i32_w8_s4", "h64_i32_w4_s4", "h16_i16_w4_s1")
 _SPACE_FP32 = ("h16_i16_w4_s1",)
+# Below sm_90 the dots are mma.sync, whose accumulators take more registers: these 8-warp 128-row tiles spill there
+# (8-32 bytes at sm_80: `python -m bench.compile_report --arch 80`), so they are Hopper-only candidates.
+_SM90_ONLY = frozenset({"h128_i64_w8_s3", "h128_i32_w8_s3", "h128_i32_w8_s4"})
 
 
 INTERPRETER_CONFIG = "h64_i32_w4_s4"  # the CPU default: few, unequal tiles (the interpreter pays per tile)
@@ -71,11 +74,13 @@ _KERNELS = {  # kind -> (kernel, whether the held tile is the query tile BLOCK_M
 }
 
 
-def autotune_space(kind: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """The ATTENTION_CONFIGS names the autotuner times for kernel `kind` ("fwd", "dq", "dkdv") on `dtype` inputs."""
+def autotune_space(kind: str, dtype: torch.dtype, major: int = 9) -> tuple[str, ...]:
+    """The ATTENTION_CONFIGS names the autotuner times for kernel `kind` ("fwd", "dq", "dkdv") on `dtype` inputs on a
+    GPU of compute capability `major`.x."""
     if dtype == torch.float32:
         return _SPACE_FP32
-    return _SPACE_DKDV_16BIT if kind == "dkdv" else _SPACE_16BIT
+    space = _SPACE_DKDV_16BIT if kind == "dkdv" else _SPACE_16BIT
+    return space if major >= 9 else tuple(n for n in space if n not in _SM90_ONLY)
 
 
 def _blocks(name: str, held_is_m: bool) -> dict[str, int]:
@@ -96,7 +101,9 @@ def _launch(kind: str, config: str | None, key: tuple, grid, outputs: tuple, *ar
                                                           num_stages=num_stages)
 
     if config is None:
-        config = autotune(("attention", kind, *key), autotune_space(kind, key[1]), run, outputs)
+        q = args[0]
+        major = capability_major(q.device) if q.is_cuda else 9  # the interpreter tunes the Hopper space
+        config = autotune(("attention", kind, *key), autotune_space(kind, key[1], major), run, outputs)
     run(config)
 
 

@@ -44,3 +44,16 @@ def test_ampere_leaves_out_the_tma_plans_and_keeps_the_rest():
     assert any(p.tma for p in plans) and not any(p.tma for p in ampere)
     assert len(ampere) == sum(not p.tma for p in plans) and compile_report.reachable(plans, 90) == plans
     assert compile_report.SHARED_LIMIT[80] < compile_report.SHARED_LIMIT[90]
+
+
+def test_the_hopper_only_attention_tiles_leave_the_ampere_space():
+    import torch
+
+    from kernels import attention as att
+
+    for kind in ("fwd", "dq", "dkdv"):
+        hopper, ampere = att.autotune_space(kind, torch.bfloat16, 9), att.autotune_space(kind, torch.bfloat16, 8)
+        assert ampere and set(ampere) < set(hopper) and not set(ampere) & att._SM90_ONLY
+        assert att.autotune_space(kind, torch.float32, 8) == att.autotune_space(kind, torch.float32, 9)
+    labels = {p.label for p in compile_report.plans("bf16", families=("flash_attention",), arch=80)}
+    assert "fwd h128_i64_w8_s3" not in labels and "fwd h64_i64_w4_s3" in labels
