@@ -79,6 +79,7 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
     att = importlib.import_module("kernels.attention")
     mm = importlib.import_module("kernels.matmul")
     gr = importlib.import_module("kernels.gram")
+    pa = importlib.import_module("kernels.paged_attention")
     mu = importlib.import_module("kernels.muon")
     rms = importlib.import_module("kernels.rms_norm")
     rope = importlib.import_module("kernels.rope")
@@ -127,16 +128,17 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
                         ("softcap",), num_warps_for(block_v, lo=4, hi=8), ints={"ignore_index": -1}))
 
     # the ReLU^2 GEMM (kernels/matmul.py): every autotune candidate, every epilogue and layout the MLP uses
-    for name in mm.tune_configs(torch_dtype):
+    for name in mm.tune_configs(torch_dtype, arch // 10):
         cfg = mm.GEMM_CONFIGS[name]
         for epilogue, trans_b, label in ((1, True, "fwd relu2 x W_fc^T"), (2, False, "bwd relu2_grad dy W_proj")):
             consts = {"EPILOGUE": epilogue, **dot_consts, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                       "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m}
             if cfg.tma:  # host-side descriptors: their block shapes are part of the kernel's signature
                 bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+                cn = bn // 2 if epilogue == 2 else bn  # the AUX epilogue's C/AUX blocks are column halves
                 desc = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
                         "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if trans_b else f"tensordesc<{dtype}[{bk}, {bn}]>",
-                        "c_desc": f"tensordesc<{dtype}[{bm}, {bn}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {bn}]>"}
+                        "c_desc": f"tensordesc<{dtype}[{bm}, {cn}]>", "aux_desc": f"tensordesc<{dtype}[{bm}, {cn}]>"}
                 out.append(Plan("relu2_mlp", "kernels.matmul", "_gemm_tma_kernel", f"{name} {label}",
                                 {**consts, "TRANS_B": trans_b}, desc, (), cfg.num_warps, cfg.num_stages, True,
                                 cfg.block_m, True, True, ints={"num_programs": 132}))
@@ -211,13 +213,14 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
 
     # paged decode attention (kernels/paged_attention.py: _paged_attention_triton) at batch 32, context 2048
     for group, tq, splits in ((1, 1, 4), (1, 1, 1), (4, 1, 4), (1, 16, 1)):
-        block_m = min(64, max(16, triton.next_power_of_2(tq * group)))
+        block_m, block_n = pa.decode_tiles(tq * group, 128, torch_dtype, arch // 10)
         ptrs = {"Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "BT": "i32", "SEQ": "i32", "QLEN": "i32",
                 "OP": "fp32", "LP": "fp32"}
         out.append(Plan("paged_attention", "kernels.paged_attention", "_paged_attention_kernel",
                         f"group={group} Tq={tq} splits={splits}",
                         {"GROUP": group, "HEAD_DIM": 128, "BLOCK_D": 128, "PAGE_SIZE": 16, "BLOCK_M": block_m,
-                         "BLOCK_N": 64, "NUM_SPLITS": splits, **dot_consts}, ptrs, ("qk_scale",), 4, 3, True, block_m,
+                         "BLOCK_N": block_n, "NUM_SPLITS": splits, **dot_consts}, ptrs, ("qk_scale",), 4, 3, True,
+                        block_m,
                         ints={"window": 1 << 30, "n_kv_heads": 12 // group, "Tq": tq, "stride_qt": 12 * 128,
                               "stride_ot": 12 * 128}))
     out.append(Plan("paged_attention", "kernels.paged_attention", "_combine_kernel", "splits=4",

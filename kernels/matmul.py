@@ -84,6 +84,8 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
 TUNE_16BIT = ("ptr_128x256x64_w8_s3", "ptr_128x128x64_w8_s4", "ptr_128x128x64_w4_s4", "ptr_64x128x64_w4_s4",
               "tma_128x256x64_w8_s3", "tma_128x128x64_w8_s4")
 TUNE_FP32 = ("ptr_128x128x32_w8_s3", "ptr_64x128x64_w4_s4")
+# fp32 through sm_80's mma.sync: the 4-warp 64x128x64 tile spills there (`bench.compile_report --arch 80 --dtype fp32`)
+_FP32_SM90_ONLY = frozenset({"ptr_64x128x64_w4_s4"})
 
 
 @triton.jit
@@ -149,21 +151,28 @@ def _gemm_kernel(
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
-    c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    aux = acc
     if EPILOGUE == 2:
-        aux = tl.load(AUX + c_offs, mask=mask, other=0.0)
-    acc = _epilogue(acc, aux, EPILOGUE)
-    tl.store(C + c_offs, acc.to(C.dtype.element_ty), mask=mask)
+        # The AUX tile beside the fp32 accumulator is what fills the registers: read and finish it by column halves.
+        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        for h in tl.static_range(2):
+            part = halves[h]
+            offs_h = pid_n * BLOCK_N + h * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            c_offs = offs_m.to(tl.int64)[:, None] * N + offs_h[None, :]
+            mask = mask_m[:, None] & (offs_h < N)[None, :]
+            aux = tl.load(AUX + c_offs, mask=mask, other=0.0)
+            tl.store(C + c_offs, _epilogue(part, aux, EPILOGUE).to(C.dtype.element_ty), mask=mask)
+    else:
+        c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(C + c_offs, _epilogue(acc, acc, EPILOGUE).to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gemm_tma_kernel(
     a_desc,  # TMA descriptor of A (M, K), block (BLOCK_M, BLOCK_K)
     b_desc,  # TMA descriptor of B: (N, K) block (BLOCK_N, BLOCK_K) when TRANS_B, else (K, N) block (BLOCK_K, BLOCK_N)
-    c_desc,  # TMA descriptor of the out C (M, N), block (BLOCK_M, BLOCK_N)
-    aux_desc,  # TMA descriptor of AUX (M, N), read by EPILOGUE == 2 only (c_desc otherwise)
+    c_desc,  # TMA descriptor of the out C (M, N), block (BLOCK_M, BLOCK_N); (BLOCK_M, BLOCK_N // 2) for EPILOGUE == 2
+    aux_desc,  # TMA descriptor of AUX (M, N), block as c_desc's, read by EPILOGUE == 2 only (c_desc otherwise)
     M,  # rows of A and C
     N,  # columns of C
     K,  # reduction length
@@ -191,16 +200,23 @@ def _gemm_tma_kernel(
             else:
                 b = b_desc.load([kt * BLOCK_K, off_n])
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        aux = acc
-        if EPILOGUE == 2:
-            aux = aux_desc.load([off_m, off_n])
-        acc = _epilogue(acc, aux, EPILOGUE)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))  # the part outside (M, N) is dropped
+        if EPILOGUE == 2:  # by column halves, as in _gemm_kernel: c_desc and aux_desc have (BLOCK_M, BLOCK_N/2) blocks
+            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            for h in tl.static_range(2):
+                aux = aux_desc.load([off_m, off_n + h * (BLOCK_N // 2)])
+                c_desc.store([off_m, off_n + h * (BLOCK_N // 2)], _epilogue(halves[h], aux, EPILOGUE).to(c_desc.dtype))
+        else:
+            c_desc.store([off_m, off_n], _epilogue(acc, acc, EPILOGUE).to(c_desc.dtype))  # outside (M, N): dropped
 
 
-def tune_configs(dtype: torch.dtype) -> tuple[str, ...]:
-    """The GEMM_CONFIGS names the autotuner times for operands of `dtype`."""
-    return TUNE_FP32 if dtype == torch.float32 else TUNE_16BIT
+def tune_configs(dtype: torch.dtype, major: int = 9) -> tuple[str, ...]:
+    """The GEMM_CONFIGS names the autotuner times for operands of `dtype` on a GPU of compute capability `major`.x
+    (the TMA candidates are further dropped where TMA is not available)."""
+    if dtype != torch.float32:
+        return TUNE_16BIT
+    return TUNE_FP32 if major >= 9 else tuple(n for n in TUNE_FP32 if n not in _FP32_SM90_ONLY)
+
+
 INTERPRETER_CONFIG = "test_64x64x64"
 _INTERPRETER_PROGRAMS = 3  # persistent kernel on CPU: 3 programs, so each one loops over several tiles
 
@@ -240,8 +256,9 @@ def _launch(cfg: GemmConfig, a, b, out, aux, trans_b: bool, epilogue: int) -> No
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     a_desc = desc.from_tensor(a, [bm, bk])
     b_desc = desc.from_tensor(b, [bn, bk] if trans_b else [bk, bn])
-    c_desc = desc.from_tensor(out, [bm, bn])
-    aux_desc = c_desc if aux is None else desc.from_tensor(aux, [bm, bn])
+    c_block = [bm, bn // 2] if epilogue == 2 else [bm, bn]  # the AUX epilogue stores by column halves
+    c_desc = desc.from_tensor(out, c_block)
+    aux_desc = c_desc if aux is None else desc.from_tensor(aux, c_block)
     programs = min(tiles, sm_count(a.device) if a.is_cuda else _INTERPRETER_PROGRAMS)
     _gemm_tma_kernel[(programs,)](a_desc, b_desc, c_desc, aux_desc, M, N, K, programs, TRANS_B=trans_b, **meta)
 
@@ -299,7 +316,7 @@ def gemm(
     if config is None:
         bucket = 1 << max(M - 1, 0).bit_length()
         key = ("gemm", a.device.index, a.dtype, epilogue, trans_b, bucket, N, K)
-        candidates = [n for n in tune_configs(a.dtype) if tma_ok or not GEMM_CONFIGS[n].tma]
+        candidates = [n for n in tune_configs(a.dtype, capability_major(a.device)) if tma_ok or not GEMM_CONFIGS[n].tma]
         config = autotune(key, candidates, lambda name: _launch(GEMM_CONFIGS[name], a, b, out, aux, trans_b, code),
                           (out,))
     _launch(GEMM_CONFIGS[config], a, b, out, aux, trans_b, code)

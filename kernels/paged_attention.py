@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
-from kernels._launch import dot_meta, last_dim_contiguous, sm_count
+from kernels._launch import capability_major, dot_meta, last_dim_contiguous, sm_count
 from kernels.attention import flash_attention_ref
 
 __all__ = ["paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
@@ -194,13 +194,22 @@ def _pick_splits(programs: int, max_kv_blocks: int, device: torch.device) -> int
     return max(1, min(want, max_kv_blocks // 4, 32))
 
 
+def decode_tiles(rows: int, head_dim: int, dtype: torch.dtype, major: int = 9) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): query rows (Tq x the heads sharing a kv head) and keys per step of the decode kernel on a
+    GPU of compute capability `major`.x. 64 keys, or 32 above D = 128; fp32 K/V below sm_90 also step 32 keys: 64
+    of D = 128 spill under sm_80's mma.sync (`python -m bench.compile_report --arch 80 --dtype fp32`), while on
+    sm_90 it is the 32-key fp32 tile that spills."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    narrow = head_dim > 128 or (dtype == torch.float32 and major < 9)
+    return block_m, (32 if narrow else 64)
+
+
 def _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale, num_splits):
     B, Tq, H, D = q.shape
     num_pages, page_size, Hkv, _ = k_pages.shape
     group = H // Hkv
     q = last_dim_contiguous(q)
-    block_m = min(64, max(16, triton.next_power_of_2(Tq * group)))
-    block_n = 64 if D <= 128 else 32
+    block_m, block_n = decode_tiles(Tq * group, D, q.dtype, capability_major(q.device) if q.is_cuda else 9)
     m_blocks = triton.cdiv(Tq * group, block_m)
     if num_splits is None:
         num_splits = _pick_splits(B * Hkv * m_blocks, triton.cdiv(block_table.size(1) * page_size, block_n), q.device)

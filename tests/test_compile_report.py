@@ -57,3 +57,16 @@ def test_the_hopper_only_attention_tiles_leave_the_ampere_space():
         assert att.autotune_space(kind, torch.float32, 8) == att.autotune_space(kind, torch.float32, 9)
     labels = {p.label for p in compile_report.plans("bf16", families=("flash_attention",), arch=80)}
     assert "fwd h128_i64_w8_s3" not in labels and "fwd h64_i64_w4_s3" in labels
+
+
+def test_the_fp32_spaces_follow_the_architecture():
+    import torch
+
+    from kernels import matmul as mm
+    from kernels.paged_attention import decode_tiles
+
+    assert set(mm.tune_configs(torch.float32, 8)) < set(mm.tune_configs(torch.float32, 9))
+    assert mm.tune_configs(torch.bfloat16, 8) == mm.tune_configs(torch.bfloat16, 9)
+    assert decode_tiles(1, 128, torch.bfloat16, 8) == decode_tiles(1, 128, torch.bfloat16, 9) == (16, 64)
+    assert decode_tiles(1, 128, torch.float32, 9) == (16, 64) and decode_tiles(1, 128, torch.float32, 8) == (16, 32)
+    assert decode_tiles(64, 256, torch.bfloat16, 9) == (64, 32)
