@@ -12,33 +12,17 @@ under a final name.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from engine.gpt import GPT, GPTConfig, build_model
+from engine.paths import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, or does not match the model it is loaded into."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def model_path(checkpoint_dir, step: int) -> Path:
@@ -57,12 +41,12 @@ def save_checkpoint(checkpoint_dir, step: int, model_state: dict | None, optim_s
                     rank: int = 0) -> None:
     """Write whichever parts are given (rank 0 passes model and meta, every rank its optimizer shard)."""
     if optim_state is not None:
-        _atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optim_state, f))
+        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optim_state, f))
     if model_state is not None:
-        _atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_state, f))
+        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_state, f))
     if meta is not None:
         text = json.dumps(meta, indent=2, default=str).encode()
-        _atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(text))
+        atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(text))
 
 
 def find_last_step(checkpoint_dir) -> int:
