@@ -1,4 +1,11 @@
-"""Where tritonchat keeps its data, tokenizer and checkpoints, and how it writes a file."""
+"""Where tritonchat keeps its data, tokenizer and checkpoints, and how it writes a file.
+
+The base directory, first match wins:
+    1. $TRITONCHAT_BASE_DIR, when set;
+    2. `./.tritonchat` in the working directory, when that folder exists (`make demo` creates it in the checkout,
+       so every command run from the checkout's root uses the demo's files);
+    3. `~/.cache/tritonchat`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+LOCAL_BASE_DIR = ".tritonchat"
+
 
 def get_base_dir() -> str:
-    """The base directory: $TRITONCHAT_BASE_DIR if set, else ~/.cache/tritonchat.
+    """The base directory (see the module docstring), as an absolute path.
 
-    The environment is read on every call (never at import), and nothing is created on disk.
+    The environment and the working directory are read on every call (never at import), and nothing is created.
     """
     base = os.environ.get("TRITONCHAT_BASE_DIR")
     if base:
         return os.path.abspath(os.path.expanduser(base))
+    if os.path.isdir(LOCAL_BASE_DIR):
+        return os.path.abspath(LOCAL_BASE_DIR)
     return os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")
 
 

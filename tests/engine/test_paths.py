@@ -1,4 +1,4 @@
-"""The atomic write: all or nothing, and the file permissions the umask asks for."""
+"""The base directory rule and the atomic write's file permissions."""
 
 import os
 import stat
@@ -7,8 +7,24 @@ import pytest
 import torch
 
 from engine.checkpoint import model_path, save_checkpoint
-from engine.paths import atomic_write
+from engine.paths import atomic_write, get_base_dir
 from engine.tokenizer import Tokenizer
+
+
+def test_base_dir_rule(tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("TRITONCHAT_BASE_DIR", raising=False)
+    assert get_base_dir() == str(home / ".cache" / "tritonchat")  # nothing here: the per-user default
+    (work / ".tritonchat").mkdir()
+    assert get_base_dir() == str(work / ".tritonchat")  # a checkout after `make demo`
+    monkeypatch.setenv("TRITONCHAT_BASE_DIR", "elsewhere")
+    assert get_base_dir() == str(work / "elsewhere")  # the variable wins, made absolute
+    monkeypatch.setenv("TRITONCHAT_BASE_DIR", "")
+    assert get_base_dir() == str(work / ".tritonchat")  # empty counts as unset
+    assert not (home / ".cache").exists()  # nothing is created
 
 
 def mode(path) -> int:

@@ -10,7 +10,6 @@ import pytest
 import regex
 import torch
 
-from engine.paths import get_base_dir
 from engine.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
@@ -197,13 +196,11 @@ def test_token_bytes(tok, tmp_path):
 
 
 def test_get_tokenizer_and_base_dir(tok, tmp_path, monkeypatch):
+    """get_tokenizer() reads <base>/tokenizer (the base directory rule itself: tests/engine/test_paths.py)."""
     tok.save(tmp_path / "tokenizer")
     assert get_tokenizer(tmp_path).encode("abc") == tok.encode("abc")
     monkeypatch.setenv("TRITONCHAT_BASE_DIR", str(tmp_path))
-    assert get_base_dir() == str(tmp_path)
     assert get_tokenizer().get_vocab_size() == VOCAB
-    monkeypatch.delenv("TRITONCHAT_BASE_DIR")
-    assert get_base_dir() == os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")
 
 
 # ----- chat rendering -----
