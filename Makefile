@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The local CPU build on a machine without a GPU; override (e.g. TORCH_SPEC=torch) on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
-# Where the demo keeps its corpus, tokenizer and checkpoints.
+# Where the demo keeps its corpus, tokenizer and checkpoints. Commands run from this folder find ./.tritonchat
+# without flags (engine/paths.py), so `python -m scripts.chat_cli` answers from the demo's model.
 DEMO_DIR ?= $(CURDIR)/.tritonchat
 
 .PHONY: install demo test lint clean

@@ -12,33 +12,18 @@ under a final name.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
 from engine.gpt import GPT, GPTConfig, build_model
+from engine.paths import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, or does not match the model it is loaded into."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def model_path(checkpoint_dir, step: int) -> Path:
@@ -57,33 +42,78 @@ def save_checkpoint(checkpoint_dir, step: int, model_state: dict | None, optim_s
                     rank: int = 0) -> None:
     """Write whichever parts are given (rank 0 passes model and meta, every rank its optimizer shard)."""
     if optim_state is not None:
-        _atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optim_state, f))
+        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optim_state, f))
     if model_state is not None:
-        _atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_state, f))
+        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_state, f))
     if meta is not None:
         text = json.dumps(meta, indent=2, default=str).encode()
-        _atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(text))
+        atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(text))
+
+
+def _steps_on_disk(d: Path) -> list[int]:
+    """Every step with a meta file in `d`, largest first."""
+    steps = [int(m.group(1)) for p in d.glob("meta_*.json") if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
+    return sorted(steps, reverse=True)
+
+
+def is_complete(checkpoint_dir, step: int) -> bool:
+    """Whether the checkpoint at `step` can be loaded: its meta file parses and has a model_config, and its model
+    file is whole (a `torch.save` zip archive with its closing directory in place; a file in the legacy pre-zip
+    format is taken as whole). Reads the meta file and the model file's ends, never the weights."""
+    try:
+        load_meta(checkpoint_dir, step)
+        path = model_path(checkpoint_dir, step)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:1] == b"\x80":  # a pickle: the legacy format, nothing cheap to check
+            return True
+        return head == b"PK\x03\x04" and zipfile.is_zipfile(path)
+    except (CheckpointError, OSError):
+        return False
 
 
 def find_last_step(checkpoint_dir) -> int:
-    """The largest step with both a meta and a model file."""
+    """The largest step whose checkpoint is complete (`is_complete`); later, incomplete ones are passed over."""
     d = Path(checkpoint_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    steps = [int(m.group(1)) for p in d.glob("meta_*.json") if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
-    steps = [s for s in steps if model_path(d, s).exists()]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint (meta_*.json with model_*.pt) in {d}")
-    return max(steps)
+    for step in _steps_on_disk(d):
+        if is_complete(d, step):
+            return step
+    raise FileNotFoundError(f"no complete checkpoint (a readable meta_*.json with its model_*.pt) in {d}")
+
+
+def find_latest_checkpoint(root) -> tuple[Path, int]:
+    """The newest complete checkpoint in the sub-folders of `root` (by convention `<base>/base_checkpoints`):
+    of each folder's last complete step (`find_last_step`), the one whose meta file was written last (on a tie
+    the larger step, then the folder name). Folders without a complete checkpoint, such as the empty or partial
+    `d4/` of an aborted run, are passed over. Returns (folder, step); FileNotFoundError when there is none."""
+    root = Path(root)
+    found = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        try:
+            step = find_last_step(d)
+        except FileNotFoundError:
+            continue
+        found.append((meta_path(d, step).stat().st_mtime_ns, step, d.name, d))
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in any folder of {root}")
+    _, step, _, d = max(found)
+    return d, step
 
 
 def _torch_load(path: Path, device) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # torch.load would blame the file
+        raise ValueError(f"cannot load {path} onto {device}: CUDA is not available on this machine")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated zip, wrong format, ...
-        raise CheckpointError(f"cannot read checkpoint file {path} (truncated or corrupt?): {e}") from e
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint file {path} (truncated or corrupt?): {first_line}") from e
 
 
 def load_meta(checkpoint_dir, step: int) -> dict:
@@ -91,9 +121,11 @@ def load_meta(checkpoint_dir, step: int) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint metadata {path} does not exist")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint metadata {path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {e.strerror}") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise CheckpointError(f"checkpoint metadata {path} lacks a model_config")
     return meta

@@ -15,13 +15,14 @@ from __future__ import annotations
 import operator
 import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import tiktoken
 import torch
+
+from engine.paths import atomic_write
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -45,22 +46,6 @@ TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
 TokenLike = str | int  # a special-token string or a token id
-
-
-def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write `path` through a temp file in the same directory + os.replace: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _capped(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
@@ -136,9 +121,9 @@ class Tokenizer:
         """Write `tokenizer.pkl` and `token_bytes.pt` into directory `path` (created if needed), atomically."""
         directory = os.fspath(path)
         os.makedirs(directory, exist_ok=True)
-        _atomic_write(os.path.join(directory, TOKENIZER_FILE), lambda f: pickle.dump(self.enc, f))
+        atomic_write(os.path.join(directory, TOKENIZER_FILE), lambda f: pickle.dump(self.enc, f))
         token_bytes = self.token_bytes()
-        _atomic_write(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
+        atomic_write(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
 
     def token_bytes(self) -> torch.Tensor:
         """int32 [vocab_size]: UTF-8 byte length of each token, 0 for special tokens."""

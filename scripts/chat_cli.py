@@ -4,7 +4,9 @@
     python -m scripts.chat_cli -p "What is 12*7?"   # one answer, then exit
 
 Loads a checkpoint directory in the nanochat layout (ours or nanochat's: model_*.pt + meta_*.json; by default
-the deepest `<base>/base_checkpoints/d*`) and the tokenizer from `<base>/tokenizer` (or --tokenizer-dir).
+the newest complete checkpoint in `<base>/base_checkpoints/*`, see `engine.checkpoint.find_latest_checkpoint`)
+and the tokenizer from `<base>/tokenizer` (or --tokenizer-dir); the base directory is `engine.paths.get_base_dir`'s
+unless --base-dir says otherwise. The loaded checkpoint is named on stderr.
 The conversation is kept as tokens and every turn runs in one engine session, so each new turn prefills only
 the new user message (the cache of the conversation so far is reused).
 """
@@ -13,62 +15,89 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 from pathlib import Path
 
-import torch
-
-from engine.checkpoint import load_model
+from engine.checkpoint import (
+    config_from_meta,
+    find_last_step,
+    find_latest_checkpoint,
+    load_meta,
+    load_model,
+    meta_path,
+    model_path,
+)
+from engine.cli import HelpFormatter, UsageError, check_impl, resolve_device, run_main
 from engine.engine import Engine, SamplingParams
 from engine.paths import get_base_dir
 from engine.tokenizer import Tokenizer
 
+PROG = "python -m scripts.chat_cli"
 # How tool-use tokens are shown; the other special tokens are not printed.
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
-    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=50, help="0 disables")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: a REPL)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 for greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens, 0 disables")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
-    p.add_argument("--checkpoint-dir", default=None, help="default: the deepest <base>/base_checkpoints/d*")
-    p.add_argument("--step", type=int, default=None, help="default: the last step in the directory")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="a checkpoint folder (default: the newest complete checkpoint in <base>/base_checkpoints/*)")
+    p.add_argument("--step", type=int, default=None, help="default: the last complete step in the folder")
     p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
-    p.add_argument("--base-dir", default=None, help="default: $TRITONCHAT_BASE_DIR or ~/.cache/tritonchat")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"], help="kernels or references")
+    p.add_argument("--base-dir", default=None,
+                   help="default: $TRITONCHAT_BASE_DIR, else ./.tritonchat if it exists, else ~/.cache/tritonchat")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
+                   help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--max-seq-len", type=int, default=None, help="conversation length limit (default: trained)")
     return p.parse_args(argv)
 
 
-def default_checkpoint_dir(base_dir: Path) -> Path:
-    root = base_dir / "base_checkpoints"
-    dirs = [d for d in root.glob("d*") if d.is_dir() and re.fullmatch(r"d\d+", d.name)] if root.is_dir() else []
-    if not dirs:
-        raise FileNotFoundError(f"no checkpoint directory under {root}: train one (`make demo`) or pass "
-                                f"--checkpoint-dir")
-    return max(dirs, key=lambda d: int(d.name[1:]))
+def find_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int]:
+    """(folder, step) to load: the folder is --checkpoint-dir, else the newest complete checkpoint's in
+    `<base>/base_checkpoints`; the step is --step, else the folder's last complete one."""
+    if args.checkpoint_dir is None:
+        try:
+            ckpt_dir, step = find_latest_checkpoint(base_dir / "base_checkpoints")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}: train one (`make demo`), or pass --base-dir or --checkpoint-dir") from None
+    else:
+        ckpt_dir = Path(args.checkpoint_dir)
+        if not ckpt_dir.is_dir():
+            raise UsageError(f"--checkpoint-dir {ckpt_dir}: no such folder")
+        step = find_last_step(ckpt_dir) if args.step is None else args.step
+    if args.step is not None:
+        step = args.step
+        if not meta_path(ckpt_dir, step).exists():
+            raise UsageError(f"--step {step}: no {meta_path(ckpt_dir, step).name} in {ckpt_dir}")
+    return ckpt_dir, step
 
 
 def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
+    """The engine, the tokenizer, and a line that says what was loaded. Raises UsageError, CheckpointError or
+    FileNotFoundError (each naming the flag or the file) for what the user can fix."""
+    device = resolve_device(args.device)
+    check_impl(args.impl, device)
     base_dir = Path(args.base_dir or get_base_dir())
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else default_checkpoint_dir(base_dir)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    model, meta = load_model(ckpt_dir, args.step, device=device, impl=args.impl)
+    ckpt_dir, step = find_checkpoint(args, base_dir)
+    tokenizer_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    vocab = config_from_meta(load_meta(ckpt_dir, step)["model_config"]).vocab_size
+    if tokenizer.get_vocab_size() != vocab:
+        raise UsageError(f"vocabulary mismatch: the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} "
+                         f"tokens, the checkpoint {meta_path(ckpt_dir, step)} was trained with {vocab}: pass the "
+                         f"matching --tokenizer-dir or --checkpoint-dir")
+    model, meta = load_model(ckpt_dir, step, device=device, impl=args.impl)
     model.eval()
-    tokenizer = Tokenizer.from_directory(args.tokenizer_dir or base_dir / "tokenizer")
-    if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
-                         f"{model.config.vocab_size}: pass the matching --tokenizer-dir")
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,
                     impl=model.impl)
-    return engine, tokenizer, f"{ckpt_dir} step {meta.get('step')} on {device}"
+    where = f"{model_path(ckpt_dir, step)} (step {meta.get('step', step)}) on {device}, impl {model.impl}"
+    return engine, tokenizer, where
 
 
 class Chat:
@@ -107,16 +136,17 @@ class Chat:
         return "".join(pieces)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     engine, tokenizer, where = build_engine(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
     chat = Chat(engine, tokenizer, params)
+    print(f"tritonchat: {where}", file=sys.stderr)  # stderr: with -p, stdout is the answer alone
     if args.prompt is not None:
         chat.ask(args.prompt)
         return 0
-    print(f"tritonchat: {where}. Type 'clear' to start over, 'quit' to exit.")
+    print("Type 'clear' to start over, 'quit' to exit.")
     while True:
         try:
             line = input("\nUser: ").strip()
@@ -138,6 +168,11 @@ def main(argv=None) -> int:
             print("\n(interrupted)")
         except ValueError as e:  # e.g. the conversation outgrew max_seq_len
             print(f"\n({e}; type 'clear' to start over)")
+
+
+def main(argv=None) -> int:
+    """The command line; user mistakes end in one line on stderr and exit code 2, Ctrl-C in one line."""
+    return run_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":

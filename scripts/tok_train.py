@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from engine.cli import HelpFormatter, UsageError, run_main
 from engine.paths import get_base_dir
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
 from train import data
+
+PROG = "python -m scripts.tok_train"
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
 def _documents(data_dir, split: str) -> Iterator[str]:
@@ -64,15 +69,31 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     return n_bytes / max(n_tokens, 1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the tritonchat BPE tokenizer.")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="Train the tritonchat BPE tokenizer.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=32768, help="total vocab incl. 256 bytes and 9 specials")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of text to train on")
     parser.add_argument("--doc-cap", type=int, default=10000, help="characters kept per document")
     parser.add_argument("--data", default=None, help="folder of parquet shards / .txt files (default: embedded corpus)")
-    parser.add_argument("--out", default=None, help="output folder (default <base>/tokenizer)")
+    parser.add_argument("--out", default=None, help="output folder (default: <base>/tokenizer)")
     args = parser.parse_args(argv)
+    # Checked before the corpus is built or read, so a typo costs nothing.
+    if args.vocab_size < MIN_VOCAB:
+        raise UsageError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                         f"tokens), got {args.vocab_size}")
+    for flag in ("max_chars", "doc_cap"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.data is not None and not Path(args.data).exists():
+        raise UsageError(f"--data {args.data}: no such file or folder")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    return args
 
+
+def _main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     base = Path(get_base_dir())
     data_dir = Path(args.data) if args.data else data.ensure_default_corpus(base)
     out_dir = args.out or os.path.join(base, "tokenizer")
@@ -88,7 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     if docs:
         label = "held-out" if held_out else "training (no validation shard)"
         print(f"compression on {len(docs)} {label} docs: {bytes_per_token(tokenizer, docs):.3f} bytes/token")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; user mistakes end in one line on stderr and exit code 2, Ctrl-C in one line."""
+    return run_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,14 @@
-"""The default pretraining corpus: documentation text from the running Python installation, no download.
+"""The default pretraining corpus: documentation text of the Python standard library, no download.
 
-Sources, in collection order: the `pydoc_data` help topics (the language reference), the docstrings of the
-standard library's modules, classes and functions, and, optionally, the docstrings of the installed packages
-(site-packages: numpy, torch, ... whatever is there). Docstrings are read by parsing the `.py` files with `ast`,
-so nothing is imported or executed. One document per docstring or topic; shorter than `min_chars` is skipped,
-exact duplicates are dropped. The corpus therefore depends on the Python version and the installed packages;
-`manifest.json` records what it was built from.
+Sources, in collection order: the `pydoc_data` help topics (the language reference), then the docstrings of the
+standard library's modules, classes and functions, file by file in sorted path order. Only the standard
+library's own files are read (the `stdlib` folder of `sysconfig`, without its site-packages / dist-packages):
+installed packages never enter, so the corpus depends on the Python version alone, not on the environment.
+Docstrings are read by parsing the `.py` files with `ast`, so nothing is imported or executed; a file that does
+not parse, or that is not in its declared encoding (UTF-8 unless a PEP 263 coding line says otherwise), is
+skipped whole and counted (`manifest.json`'s `skipped_files`, and the build's report), never decoded with
+replacement characters. One document per docstring or topic; shorter than `min_chars` is skipped, exact
+duplicates are dropped. `manifest.json` records the Python version, the folder read and a digest of the text.
 
 Layout (SPEC §9): `shard_00000.parquet` ... with one `text` column, `rows_per_group` rows per row group. The
 documents are shuffled with a fixed seed; the last shard is the validation split (`val_fraction` of the
@@ -16,6 +19,7 @@ and `manifest.json` is written last: a folder without a valid manifest is rebuil
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import random
@@ -33,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the standard library only (1 also read site-packages)
 CORPUS_NAME = "pydocs"
 
 # Folders never read: tests, GUI demos, vendored copies and caches.
@@ -56,14 +60,15 @@ def _python_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _file_docstrings(path: Path) -> list[str]:
-    """The docstrings of a source file's module, classes and functions, in `ast.walk` order; [] if unparsable."""
+def _file_docstrings(path: Path) -> list[str] | None:
+    """The docstrings of a source file's module, classes and functions, in `ast.walk` order; None when the file
+    cannot be read, decoded or parsed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escapes etc. in old sources raise SyntaxWarning
             tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):
-        return []
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OSError):  # UnicodeDecodeError is a ValueError
+        return None
     docs = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -73,7 +78,7 @@ def _file_docstrings(path: Path) -> list[str]:
     return docs
 
 
-def _files_docstrings(paths: list[Path], workers: int) -> Iterator[list[str]]:
+def _files_docstrings(paths: list[Path], workers: int) -> Iterator[list[str] | None]:
     """`_file_docstrings` of each path, in order; parsed by `workers` processes when there are many files.
 
     Worker processes are spawned, not forked (forking a process that already runs threads can deadlock).
@@ -92,24 +97,19 @@ def _files_docstrings(paths: list[Path], workers: int) -> Iterator[list[str]]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _site_package_dirs() -> list[Path]:
-    """The installed packages' folders of this interpreter (a virtual environment's own when in one)."""
-    paths = sysconfig.get_paths()
-    dirs: list[Path] = []
-    for key in ("purelib", "platlib"):
-        d = Path(paths[key]).resolve()
-        if d.is_dir() and d not in dirs:
-            dirs.append(d)
-    return dirs
+def stdlib_dir() -> Path:
+    """The standard library's folder of this interpreter (the base installation's, also in a virtual env)."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
-def collect_documents(min_chars: int = 64, include_site_packages: bool = True, max_docs: int | None = None,
-                      workers: int | None = None) -> list[str]:
-    """Documentation texts of this Python installation, deduplicated, in a deterministic collection order.
+def collect_documents(min_chars: int = 64, max_docs: int | None = None, workers: int | None = None,
+                      skipped: list[str] | None = None) -> list[str]:
+    """Documentation texts of this Python's standard library, deduplicated, in a deterministic collection order.
 
     `max_docs` stops collecting after that many documents (the help topics come first, then the standard
     library in file order): a quick, small corpus for tests. `workers` processes parse the sources
-    (default: up to 8, one per CPU).
+    (default: up to 8, one per CPU). `skipped`, when given, receives the paths (relative to the standard
+    library's folder) of the files that could not be read, decoded or parsed.
     """
     from pydoc_data.topics import topics
 
@@ -136,14 +136,15 @@ def collect_documents(min_chars: int = 64, include_site_packages: bool = True, m
 
     if add(topics[key] for key in sorted(topics)):
         return docs
-    roots = [Path(sysconfig.get_paths()["stdlib"]).resolve()]
-    if include_site_packages:
-        roots += [d for d in _site_package_dirs() if d not in roots]
-    paths = [p for root in roots for p in _python_files(root)]
+    root = stdlib_dir()
+    paths = _python_files(root)
     parsed = _files_docstrings(paths, workers)
     try:
-        for file_docs in parsed:
-            if add(file_docs):
+        for path, file_docs in zip(paths, parsed):
+            if file_docs is None:
+                if skipped is not None:
+                    skipped.append(path.relative_to(root).as_posix())
+            elif add(file_docs):
                 break
     finally:
         parsed.close()  # stops the worker processes now, not when the generator is collected
@@ -168,14 +169,15 @@ def _atomic_write_json(obj: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_per_group: int = 1024,
+def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_per_group: int = 128,
                          val_fraction: float = 0.05, seed: int = 1337, min_chars: int = 64,
-                         include_site_packages: bool = True, max_docs: int | None = None,
-                         workers: int | None = None, verbose: bool = True) -> list[Path]:
+                         max_docs: int | None = None, workers: int | None = None, verbose: bool = True) -> list[Path]:
     """Collect the documents (`collect_documents`), shuffle them with `seed` and write `num_shards` shards.
 
     The last shard holds the validation documents (`val_fraction`, at least one); the first `num_shards - 1`
     share the rest evenly. Any previous shards in `out_dir` are removed first. Returns the shard paths, sorted.
+    Row groups are the loader's reading units, shared out among ranks: 128 rows still make ~35 training and 2
+    validation units of the standard library's ~4,000 documents.
     """
     if num_shards < 2:
         raise ValueError(f"num_shards must be at least 2 (training shards + the validation shard), got {num_shards}")
@@ -188,7 +190,9 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
     for old in out.glob("shard_*.parquet"):
         old.unlink()
 
-    docs = collect_documents(min_chars, include_site_packages, max_docs, workers)
+    skipped: list[str] = []
+    docs = collect_documents(min_chars, max_docs, workers, skipped)
+    digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()  # of the collection order, before the shuffle
     random.Random(seed).shuffle(docs)
     n_val = max(1, round(val_fraction * len(docs)))
     n_train = len(docs) - n_val
@@ -209,7 +213,9 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
         "format": FORMAT_VERSION,
         "name": CORPUS_NAME,
         "python": sys.version,
-        "include_site_packages": include_site_packages,
+        "stdlib": str(stdlib_dir()),
+        "sha256": digest,
+        "skipped_files": skipped,
         "max_docs": max_docs,
         "min_chars": min_chars,
         "seed": seed,
@@ -226,8 +232,10 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
 
 def _report(folder: Path, seconds: float) -> None:
     m = json.loads((folder / MANIFEST).read_text())
+    skipped = m.get("skipped_files") or []
+    note = f"; {len(skipped)} source files skipped, not parsable in their encoding" if skipped else ""
     print(f"{CORPUS_NAME} corpus: {m['num_docs']:,} documents ({m['num_val_docs']:,} validation), "
-          f"{m['num_chars'] / 1e6:.1f}M chars, {len(m['files'])} shards in {folder} (built in {seconds:.1f}s)")
+          f"{m['num_chars'] / 1e6:.1f}M chars, {len(m['files'])} shards in {folder} (built in {seconds:.1f}s{note})")
 
 
 def corpus_is_complete(folder: str | os.PathLike) -> bool:

@@ -2,6 +2,9 @@
 
 Files. A data folder holds parquet shards with a `text` column (`shard_00000.parquet`, ...), or, when it holds
 no parquet file, `.txt` files. The files are taken in sorted order and the last one is the validation split.
+A `.txt` file is read as UTF-8; one that is not valid UTF-8 is read as Latin-1 (every byte one character, nothing
+replaced or dropped) with a warning naming the file: convert it (`iconv -f ENCODING -t UTF-8`) if it is another
+encoding.
 
 Units. Reading is done in units: one parquet row group, or one whole `.txt` file. A `.txt` file of up to 8 KiB is
 one document; a longer one is cut at blank lines into documents of about 4 KiB (consecutive paragraphs joined).
@@ -135,7 +138,20 @@ def _read_unit(path: Path, row_group: int) -> list[str]:
     if path.suffix == ".parquet":
         texts = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
         return [t for t in texts if t]
-    return _split_txt(path.read_text(encoding="utf-8", errors="replace"))
+    return _split_txt(_read_txt(path))
+
+
+def _read_txt(path: Path) -> str:
+    """The text of a .txt file: UTF-8, or Latin-1 with a warning when it is not valid UTF-8 (never replacement
+    characters, which would change the text silently); line ends become "\n", as in text mode."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{path} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}): read as Latin-1",
+                      stacklevel=3)
+        text = raw.decode("latin-1")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def iter_documents(files: Sequence[str | os.PathLike], rank: int = 0, world_size: int = 1,

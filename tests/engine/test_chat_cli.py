@@ -2,6 +2,7 @@
 
 import io
 import random
+import shutil
 
 import pytest
 import torch
@@ -69,6 +70,81 @@ def test_chat_turns_reuse_the_cache(base_dir):
     assert engine.cache.allocator.num_used == 0 and chat.tokens == [tok.get_bos_token_id()]
 
 
-def test_missing_checkpoint_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
-        chat_cli.main(["--base-dir", str(tmp_path), "-p", "hi"])
+def one_line_error(capsys, rc) -> str:
+    """The stderr of a command that failed on a user mistake: exit code 2 and one line (no traceback)."""
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"{chat_cli.PROG}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_missing_checkpoint_is_clear(tmp_path, capsys):
+    err = one_line_error(capsys, chat_cli.main(["--base-dir", str(tmp_path), "-p", "hi"]))
+    assert "no complete checkpoint" in err and str(tmp_path / "base_checkpoints") in err
+
+
+def test_demo_folder_in_the_working_directory(base_dir, tmp_path, monkeypatch, capsys):
+    """`make demo` writes ./.tritonchat; chat_cli run from that directory with no flags answers from it, and an
+    empty or partial newer checkpoint folder left by an aborted run does not hide the complete one."""
+    demo = tmp_path / ".tritonchat"
+    shutil.copytree(base_dir, demo)
+    (demo / "base_checkpoints" / "d4").mkdir()
+    (demo / "base_checkpoints" / "d3").mkdir()
+    (demo / "base_checkpoints" / "d3" / "meta_000010.json").write_text("{")
+    monkeypatch.delenv("TRITONCHAT_BASE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert chat_cli.main(["-p", "hello", "--max-tokens", "3", "--impl", "torch"]) == 0
+    err = capsys.readouterr().err
+    assert f"{demo / 'base_checkpoints' / 'd1' / 'model_000007.pt'} (step 7) on cpu, impl torch" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda(base_dir, capsys):
+    err = one_line_error(capsys, chat_cli.main(["--base-dir", str(base_dir), "-p", "hi", "--device", "cuda"]))
+    assert "--device=cuda: CUDA is not available on this machine" in err
+
+
+def test_bad_device_name(base_dir, capsys):
+    err = one_line_error(capsys, chat_cli.main(["--base-dir", str(base_dir), "-p", "hi", "--device", "gpu0"]))
+    assert "--device=gpu0: not a device name" in err
+
+
+def test_triton_without_gpu_or_interpreter(base_dir, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc = chat_cli.main(["--base-dir", str(base_dir), "-p", "hi", "--device", "cpu", "--impl", "triton"])
+    err = one_line_error(capsys, rc)
+    assert "--impl=triton: Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1" in err
+
+
+def test_vocabulary_mismatch(base_dir, tmp_path, capsys):
+    Tokenizer.train_from_iterator(["some other text entirely, with other words"] * 8, 280).save(tmp_path / "tok")
+    rc = chat_cli.main(["--base-dir", str(base_dir), "-p", "hi", "--tokenizer-dir", str(tmp_path / "tok")])
+    err = one_line_error(capsys, rc)
+    assert "vocabulary mismatch" in err and "has 280 tokens" in err and "meta_000007.json" in err
+
+
+def test_missing_tokenizer_and_corrupt_checkpoint_name_the_file(base_dir, tmp_path, capsys):
+    err = one_line_error(capsys, chat_cli.main(["--base-dir", str(base_dir), "-p", "hi", "--tokenizer-dir",
+                                                str(tmp_path)]))
+    assert f"no tokenizer.pkl in '{tmp_path}'" in err
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(base_dir / "base_checkpoints" / "d1", ckpt)
+    model = ckpt / "model_000007.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    argv = ["--base-dir", str(base_dir), "-p", "hi", "--checkpoint-dir", str(ckpt)]
+    err = one_line_error(capsys, chat_cli.main(argv))
+    assert f"no complete checkpoint (a readable meta_*.json with its model_*.pt) in {ckpt}" in err
+    err = one_line_error(capsys, chat_cli.main(argv + ["--step", "7"]))
+    assert f"cannot read checkpoint file {model} (truncated or corrupt?)" in err
+    err = one_line_error(capsys, chat_cli.main(argv + ["--step", "8"]))
+    assert "--step 8: no meta_000008.json in" in err
+    err = one_line_error(capsys, chat_cli.main(["--checkpoint-dir", str(tmp_path / "nope"), "-p", "hi"]))
+    assert "--checkpoint-dir" in err and "no such folder" in err
+
+
+def test_ctrl_c_is_one_line(base_dir, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_cli, "build_engine", interrupted)
+    assert chat_cli.main(["--base-dir", str(base_dir), "-p", "hi"]) == 130
+    assert capsys.readouterr().err.strip() == f"{chat_cli.PROG}: interrupted"

@@ -1,6 +1,7 @@
 """Checkpoint save/load: round trip, atomicity, validation and old-format patching."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torch
 from engine.checkpoint import (
     CheckpointError,
     find_last_step,
+    find_latest_checkpoint,
+    is_complete,
     load_checkpoint,
     load_model,
     meta_path,
@@ -103,3 +106,50 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
     assert model_path(tmp_path, 5).read_bytes() == before
     assert not model_path(tmp_path, 6).exists() and find_last_step(tmp_path) == 5
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_last_step_passes_over_incomplete_checkpoints(tmp_path):
+    """An aborted save or a damaged file leaves a later step that cannot load: the last complete one is taken."""
+    model = make()
+    for step in (5, 6, 7, 8, 9):
+        save(model, tmp_path, step=step)
+    p = model_path(tmp_path, 6)
+    p.write_bytes(p.read_bytes()[:-100])  # truncated: no zip directory at the end
+    model_path(tmp_path, 7).unlink()  # meta without model
+    meta_path(tmp_path, 8).write_text('{"step": 8, "model_')  # half a meta file
+    model_path(tmp_path, 9).write_bytes(b"")
+    assert [is_complete(tmp_path, s) for s in (5, 6, 7, 8, 9)] == [True, False, False, False, False]
+    assert find_last_step(tmp_path) == 5
+    loaded, meta = load_model(tmp_path)
+    assert meta["step"] == 5
+    for step in (5, 6, 8, 9):
+        meta_path(tmp_path, step).unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_last_step(tmp_path)
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+    """An empty or partial d4/ left by an aborted run does not hide a complete d2/; the newest complete wins."""
+    root = tmp_path / "base_checkpoints"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        find_latest_checkpoint(root)  # no folder at all
+    model = make()
+    save(model, root / "d2", step=3)
+    (root / "d4").mkdir()
+    save_checkpoint(root / "d3", 10, model.state_dict(), None, None)  # model written, meta never
+    (root / "notes.txt").write_text("not a folder")
+    assert find_latest_checkpoint(root) == (root / "d2", 3)
+    save(model, root / "d1", step=2)
+    t = os.stat(meta_path(root / "d2", 3)).st_mtime
+    os.utime(meta_path(root / "d1", 2), (t + 10, t + 10))
+    assert find_latest_checkpoint(root) == (root / "d1", 2)  # newer, though shallower
+    os.utime(meta_path(root / "d2", 3), (t + 20, t + 20))
+    assert find_latest_checkpoint(root) == (root / "d2", 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda_is_not_a_corrupt_file(tmp_path):
+    save(make(), tmp_path)
+    with pytest.raises(ValueError, match="CUDA is not available") as e:
+        load_model(tmp_path, device="cuda")
+    assert not isinstance(e.value, CheckpointError)

@@ -10,7 +10,6 @@ import pytest
 import regex
 import torch
 
-from engine.paths import get_base_dir
 from engine.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
@@ -197,13 +196,11 @@ def test_token_bytes(tok, tmp_path):
 
 
 def test_get_tokenizer_and_base_dir(tok, tmp_path, monkeypatch):
+    """get_tokenizer() reads <base>/tokenizer (the base directory rule itself: tests/engine/test_paths.py)."""
     tok.save(tmp_path / "tokenizer")
     assert get_tokenizer(tmp_path).encode("abc") == tok.encode("abc")
     monkeypatch.setenv("TRITONCHAT_BASE_DIR", str(tmp_path))
-    assert get_base_dir() == str(tmp_path)
     assert get_tokenizer().get_vocab_size() == VOCAB
-    monkeypatch.delenv("TRITONCHAT_BASE_DIR")
-    assert get_base_dir() == os.path.join(os.path.expanduser("~"), ".cache", "tritonchat")
 
 
 # ----- chat rendering -----
@@ -355,10 +352,46 @@ def test_tok_train_main(tmp_path, capsys):
     data.mkdir()
     write_shard(data / "shard_00000.parquet", make_corpus(150, seed=5))
     write_shard(data / "shard_00001.parquet", make_corpus(10, seed=6))
-    tok_train.main(["--vocab-size", "300", "--max-chars", "2_000_000", "--data", str(data), "--out", str(out)])
+    rc = tok_train.main(["--vocab-size", "300", "--max-chars", "2_000_000", "--data", str(data), "--out", str(out)])
+    assert rc == 0
     assert sorted(os.listdir(out)) == ["token_bytes.pt", "tokenizer.pkl"]
     tok = Tokenizer.from_directory(out)
     assert tok.get_vocab_size() == 300
     assert load_token_bytes(out).shape == (300,)
     printed = capsys.readouterr().out
     assert "trained vocab 300" in printed and "held-out" in printed and "bytes/token" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vocab-size", "100"], "--vocab-size must be at least 265 (256 bytes + 9 special tokens), got 100"),
+    (["--max-chars", "0"], "--max-chars must be positive, got 0"),
+    (["--doc-cap", "-5"], "--doc-cap must be positive, got -5"),
+    (["--data", "{tmp}/nope"], "--data {tmp}/nope: no such file or folder"),
+    (["--data", "{tmp}/bad"], "{tmp}/bad/shard_00000.parquet is not a readable parquet file"),
+    (["--data", "{tmp}/empty"], "no *.parquet or *.txt files in data folder {tmp}/empty"),
+    (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt: exists and is not a folder"),
+])
+def test_tok_train_user_mistakes_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    """Each mistake is reported before any work (no corpus is built), in one line, with exit code 2."""
+    monkeypatch.setenv("TRITONCHAT_BASE_DIR", str(tmp_path / "base"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "shard_00000.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    rc = tok_train.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"{tok_train.PROG}: error: "), err
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "base").exists()
+
+
+def test_tok_train_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text("some text to train on")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tokenizer, "train_from_iterator", interrupted)
+    assert tok_train.main(["--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == f"{tok_train.PROG}: interrupted"
+    assert not (tmp_path / "out").exists()

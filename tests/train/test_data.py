@@ -291,9 +291,16 @@ def test_txt_folder(tmp_path):
     assert inputs.shape == (2, 16) and set(tok.seen) == {"A short document about packing.\n"}
 
 
+def test_txt_that_is_not_utf8_is_read_as_latin1_with_a_warning(tmp_path):
+    (tmp_path / "a.txt").write_bytes("Caf\u00e9 cr\u00e8me,\r\nna\u00efve.".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"a.txt is not UTF-8 \(byte 0xe9 at offset 3\): read as Latin-1"):
+        docs = [t for t, _ in data.iter_documents(data.list_data_files(tmp_path), loop=False)]
+    assert docs == [["Caf\u00e9 cr\u00e8me,\nna\u00efve."]]  # every character kept, no U+FFFD
+
+
 # ---- the default corpus ---------------------------------------------------------------------------
 def test_build_default_corpus(tmp_path, capsys):
-    kwargs = dict(num_shards=3, rows_per_group=32, max_docs=300, include_site_packages=False, workers=1)
+    kwargs = dict(num_shards=3, rows_per_group=32, max_docs=300, workers=1)
     paths = corpus.build_default_corpus(tmp_path / "c", **kwargs)
     assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     assert "300 documents" in capsys.readouterr().out
@@ -312,7 +319,7 @@ def test_build_default_corpus(tmp_path, capsys):
 
 
 def test_ensure_default_corpus_builds_once(tmp_path, monkeypatch):
-    kwargs = dict(num_shards=2, rows_per_group=64, max_docs=120, include_site_packages=False, workers=1,
+    kwargs = dict(num_shards=2, rows_per_group=64, max_docs=120, workers=1,
                   verbose=False)
     folder = data.ensure_default_corpus(tmp_path, **kwargs)
     assert folder == tmp_path / "data" / "pydocs" and corpus.corpus_is_complete(folder)
@@ -340,3 +347,34 @@ def test_state_naming_missing_rows_is_rejected(tmp_path):
         data.PackedLoader(ByteTokenizer(), files, 2, 16, state={**state, "buffer": [[0, 0, 10_000]]})
     with pytest.raises(ValueError, match="lacks"):
         data.PackedLoader(ByteTokenizer(), files, 2, 16, state={**state, "buffer": [[7, 0, 0]]})
+
+
+def test_corpus_reads_the_standard_library_only(tmp_path, monkeypatch):
+    """Installed packages never enter; a file that is not in its declared encoding is skipped and counted."""
+    root = tmp_path / "lib"
+    texts = {}
+    for sub in ("", "json", "site-packages/numpy", "dist-packages/torch"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        texts[sub] = f"The {sub or 'top'} module docstring, long enough to be kept in the corpus for sure."
+        (root / sub / "mod.py").write_text(f'"""{texts[sub]}"""\n')
+    doc = "A Latin-1 docstring declared as such: caf\u00e9, cr\u00e8me br\u00fbl\u00e9e, well over the minimum."
+    (root / "declared.py").write_bytes(f'# -*- coding: latin-1 -*-\n"""{doc}"""\n'.encode("latin-1"))
+    (root / "undeclared.py").write_bytes(f'"""{doc}"""\n'.encode("latin-1"))  # not UTF-8, no coding line
+    monkeypatch.setattr(corpus, "stdlib_dir", lambda: root)
+    skipped = []
+    docs = corpus.collect_documents(workers=1, skipped=skipped)
+    from pydoc_data.topics import topics
+
+    assert docs[len(docs) - 3:] == [doc, texts["json"], texts[""]]  # sorted path order
+    assert len(docs) - 3 <= len(topics)
+    assert texts["site-packages/numpy"] not in docs and texts["dist-packages/torch"] not in docs
+    assert skipped == ["undeclared.py"] and not any("\ufffd" in d for d in docs)
+
+
+def test_corpus_manifest_records_its_source(tmp_path):
+    corpus.build_default_corpus(tmp_path, num_shards=2, max_docs=100, workers=1, verbose=False)
+    manifest = json.loads((tmp_path / corpus.MANIFEST).read_text())
+    assert manifest["stdlib"] == str(corpus.stdlib_dir()) and isinstance(manifest["skipped_files"], list)
+    assert len(manifest["sha256"]) == 64 and "include_site_packages" not in manifest
+    assert all("site-packages" not in p.parts and "dist-packages" not in p.parts
+               for p in corpus._python_files(corpus.stdlib_dir()))

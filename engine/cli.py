@@ -1,0 +1,87 @@
+"""What the command lines share: user mistakes in one line with exit code 2, Ctrl-C in one line, help that
+shows the defaults, and the checks of `--device` and `--impl` that must come before any work.
+
+    def main(argv=None) -> int:
+        return run_main(_main, argv, prog="python -m scripts.tok_train")
+
+The trainer (`train/__main__.py`) reports its errors the same way; it can move onto `run_main` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from kernels import resolve_impl
+
+EXIT_USAGE = 2  # a user mistake, as argparse exits for a bad flag
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files, reported as one line naming the flag or the file."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each option's default, except when it is None or False or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (the lines of a multi-line message joined with '; ')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None, prog: str) -> int:
+    """Run `main(argv)` and return its exit code. A ValueError (UsageError, CheckpointError, ...) or OSError
+    (a missing or unreadable file) prints `prog: error: <message>` and returns 2; Ctrl-C prints
+    `prog: interrupted` and returns 130. Anything else is a bug and keeps its traceback."""
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def resolve_device(flag: str) -> torch.device:
+    """The device `--device=<flag>` names: "auto" is the first CUDA GPU when there is one, else the CPU.
+
+    Raises UsageError for a name torch does not know, a device other than cpu or cuda, and a CUDA device on a
+    machine without CUDA (a torch built without it, or no GPU visible) or one past the last GPU.
+    """
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device={flag}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device={flag}: CUDA is not available on this machine ({why}); use --device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device={flag}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise UsageError(f"--device={flag}: only cpu and cuda devices are supported")
+    return device
+
+
+def check_impl(impl: str, device: torch.device) -> None:
+    """UsageError when `--impl=triton` asks for Triton kernels where none can run: a CPU without the Triton
+    interpreter (TRITON_INTERPRET=1, which must be set before the program starts)."""
+    if impl == "triton" and resolve_impl("auto", device) != "triton":
+        raise UsageError(f"--impl=triton: Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run them in the "
+                         f"Triton interpreter on the CPU (slow); the device is {device}: use --impl=auto or "
+                         f"--impl=torch")
