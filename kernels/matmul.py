@@ -111,6 +111,15 @@ def _epilogue(acc, aux, EPILOGUE: tl.constexpr):
 
 
 @triton.jit
+def _aux_half(C, AUX, part, offs_m, mask_m, col0, N, HALF: tl.constexpr):
+    offs_n = col0 + tl.arange(0, HALF)
+    c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    aux = tl.load(AUX + c_offs, mask=mask, other=0.0)
+    tl.store(C + c_offs, _epilogue(part, aux, 2).to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemm_kernel(
     A,  # (M, K) left operand, unit stride along K
     B,  # right operand as (K, N) through its strides (b^T when trans_b: stride_bk = 1)
@@ -153,14 +162,9 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
     if EPILOGUE == 2:
         # The AUX tile beside the fp32 accumulator is what fills the registers: read and finish it by column halves.
-        halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        for h in tl.static_range(2):
-            part = halves[h]
-            offs_h = pid_n * BLOCK_N + h * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            c_offs = offs_m.to(tl.int64)[:, None] * N + offs_h[None, :]
-            mask = mask_m[:, None] & (offs_h < N)[None, :]
-            aux = tl.load(AUX + c_offs, mask=mask, other=0.0)
-            tl.store(C + c_offs, _epilogue(part, aux, EPILOGUE).to(C.dtype.element_ty), mask=mask)
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _aux_half(C, AUX, lo, offs_m, mask_m, pid_n * BLOCK_N, N, BLOCK_N // 2)
+        _aux_half(C, AUX, hi, offs_m, mask_m, pid_n * BLOCK_N + BLOCK_N // 2, N, BLOCK_N // 2)
     else:
         c_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
@@ -201,10 +205,10 @@ def _gemm_tma_kernel(
                 b = b_desc.load([kt * BLOCK_K, off_n])
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
         if EPILOGUE == 2:  # by column halves, as in _gemm_kernel: c_desc and aux_desc have (BLOCK_M, BLOCK_N/2) blocks
-            halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            for h in tl.static_range(2):
-                aux = aux_desc.load([off_m, off_n + h * (BLOCK_N // 2)])
-                c_desc.store([off_m, off_n + h * (BLOCK_N // 2)], _epilogue(halves[h], aux, EPILOGUE).to(c_desc.dtype))
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            off_hi = off_n + BLOCK_N // 2
+            c_desc.store([off_m, off_n], _epilogue(lo, aux_desc.load([off_m, off_n]), 2).to(c_desc.dtype))
+            c_desc.store([off_m, off_hi], _epilogue(hi, aux_desc.load([off_m, off_hi]), 2).to(c_desc.dtype))
         else:
             c_desc.store([off_m, off_n], _epilogue(acc, acc, EPILOGUE).to(c_desc.dtype))  # outside (M, N): dropped
 
