@@ -10,8 +10,9 @@ does); targets random with 1/16 ignored (-1); reduction "mean".
 FLOPs: forward = the logits GEMM = 2*N*V*C; forward+backward = three GEMMs (logits, grad_x, grad_W) = 6*N*V*C.
 Variants:
     triton   linear_softcap_cross_entropy(impl="triton"): chunked cuBLAS GEMMs + the Triton CE kernel
-    eager    linear_softcap_cross_entropy_ref (holds the N x V logits in bf16 and several fp32 copies)
-    compile  torch.compile(linear_softcap_cross_entropy_ref)
+    eager    linear_softcap_cross_entropy_ref(chunk_size=0), the unchunked expression (holds the N x V logits
+             in bf16 and several fp32 copies)
+    compile  torch.compile of that unchunked expression
     liger    LigerFusedLinearCrossEntropyLoss(softcap=15) on the bf16-cast weight, when liger_kernel imports
     cublas   the GEMMs alone on the full N x V logits (1 forward, 3 forward+backward): the time floor
 "forward" is the evaluation call under torch.no_grad; "forward+backward" is torch.autograd.grad of the loss
@@ -53,13 +54,13 @@ def _variants(cuda: bool, compile_ref: bool):
         return linear_softcap_cross_entropy(x, w, t, SOFTCAP, IGNORE, reduction, vocab, impl="triton")
 
     def eager(x, w, t, reduction="mean", vocab=None):
-        return linear_softcap_cross_entropy_ref(x, w, t, SOFTCAP, IGNORE, reduction, vocab)
+        return linear_softcap_cross_entropy_ref(x, w, t, SOFTCAP, IGNORE, reduction, vocab, chunk_size=0)
 
     variants, notes = {"triton": ours, "eager": eager}, {}
     if compile_ref:
         compiled = torch.compile(linear_softcap_cross_entropy_ref, dynamic=False)
         variants["compile"] = lambda x, w, t, reduction="mean", vocab=None: compiled(
-            x, w, t, SOFTCAP, IGNORE, reduction, vocab)
+            x, w, t, SOFTCAP, IGNORE, reduction, vocab, chunk_size=0)
     mod = load_liger("liger_kernel.transformers.fused_linear_cross_entropy") if cuda else None
     if mod is None:
         notes["liger"] = "liger_kernel not importable"

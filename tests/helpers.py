@@ -5,6 +5,7 @@ sys.path (pyproject.toml), so `tests` is a namespace package.
 """
 
 import torch
+import torch.utils._python_dispatch
 
 F32_EPS = torch.finfo(torch.float32).eps  # 2^-23: the eps the float32 kernels' norms default to (F.rms_norm's)
 
@@ -27,3 +28,19 @@ def rand32(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Normwise relative error ||got - want||_F / ||want||_F, computed in float64."""
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (in elements) any op returns while the mode is on, backward included:
+    `with LargestTensor() as m: ...; m.numel, m.shape`. Pins peak-memory claims (e.g. no N x V logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.shape = t.numel(), tuple(t.shape)
+        return out
