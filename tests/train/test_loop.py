@@ -41,7 +41,7 @@ def config(workspace, run_dir, **kw) -> TrainConfig:
 
 
 def test_three_steps(workspace, tmp_path):
-    result = train(config(workspace, tmp_path, num_iterations=3, eval_every=-1, save_every=-1))
+    result = train(config(workspace, tmp_path, num_iterations=3, eval_every=0, save_every=-1))
     assert sorted(result["losses"]) == [0, 1, 2]
     assert result["plan"]["grad_accum_steps"] == 2
     assert list(result["val_bpb"]) == [3] and result["val_bpb"][3] > 0
