@@ -32,15 +32,21 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the largest tensor (in elements) any op returns while the mode is on, backward included:
-    `with LargestTensor() as m: ...; m.numel, m.shape`. Pins peak-memory claims (e.g. no N x V logits)."""
+    `with LargestTensor() as m: ...; m.numel, m.shape`. Pins peak-memory claims (e.g. no N x V logits).
+    `last_dim`: only tensors whose last dimension is one of these sizes count (e.g. the vocabulary's)."""
 
-    def __init__(self):
+    def __init__(self, last_dim: tuple[int, ...] | None = None):
         super().__init__()
+        self.last_dim = last_dim
         self.numel, self.shape = 0, None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if self.last_dim and (t.dim() == 0 or t.shape[-1] not in self.last_dim):
+                continue
+            if t.numel() > self.numel:
                 self.numel, self.shape = t.numel(), tuple(t.shape)
         return out

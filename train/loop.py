@@ -205,7 +205,8 @@ class Run:
 class MetricsLog:
     """`<run_dir>/metrics.jsonl`, one JSON record per line, written by rank 0. A fresh run starts a new file; a
     resumed run keeps the records up to its step (those of the steps it replays are dropped, so no step appears
-    twice). Each invocation first writes a header record {"run", "step" (where it starts), "resumed", "time"}."""
+    twice). Each invocation first writes a header record {"run", "step" (where it starts), "resumed", "time"}
+    (the header of an earlier resume from the same step is replaced)."""
 
     def __init__(self, path: Path, info: DistInfo, run: str, start_step: int | None):
         self.path, self.enabled = path, info.is_main
@@ -215,10 +216,12 @@ class MetricsLog:
         if start_step is not None and path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
+                    record = json.loads(line)
                 except ValueError:
                     continue  # a line torn by a crash
+                step = record.get("step", 0)
+                if step < start_step or (step == start_step and "run" not in record):  # an earlier resume's
+                    kept.append(line)  # header at this step is superseded by this one's
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
@@ -243,6 +246,18 @@ def cpu_contention(threads: int) -> str | None:
         return (f"warning: the load average is {load:.1f} on {cores} cores: other processes are using the cores "
                 f"torch's {threads} threads need; expect steps several times slower until they finish")
     return None
+
+
+def epochs_warning(horizon_tokens: int, train_tokens: int) -> str | None:
+    """A one-line warning when the token horizon is more than MAX_EPOCHS passes over the training split: up to
+    ~4 epochs, repeated tokens train almost as well as fresh ones; beyond, returns fade fast (Muennighoff et al.
+    2023, "Scaling Data-Constrained Language Models")."""
+    epochs = horizon_tokens / max(train_tokens, 1)
+    if epochs <= MAX_EPOCHS:
+        return None
+    return (f"warning: {horizon_tokens:,} training tokens are about {epochs:,.0f} passes over the training split "
+            f"(~{train_tokens:,} tokens); beyond ~{MAX_EPOCHS} repeated data stops paying: add data (--data), or "
+            f"lower --target-param-data-ratio or --num-iterations")
 
 
 # ---- setup ----------------------------------------------------------------------------------------------
@@ -308,13 +323,8 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     hb.say(f"  grad accumulation {plan.grad_accum_steps} x {plan.device_batch_size} x {cfg.max_seq_len} tokens x "
            f"{info.world_size} rank(s); data {data_dir}; run dir {run_dir}")
     if info.is_main and plan.horizon_tokens > 0:
-        train_tokens = data.estimate_tokens(train_files, tokenizer)
-        epochs = plan.horizon_tokens / max(train_tokens, 1)
-        if epochs > MAX_EPOCHS:
-            hb.say(f"warning: {plan.horizon_tokens:,} training tokens are about {epochs:,.0f} passes over the "
-                   f"training split (~{train_tokens:,} tokens); beyond ~{MAX_EPOCHS} repeated data stops paying "
-                   f"(Muennighoff et al. 2023): add data (--data), or lower --target-param-data-ratio or "
-                   f"--num-iterations")
+        if warning := epochs_warning(plan.horizon_tokens, data.estimate_tokens(train_files, tokenizer)):
+            hb.say(warning)
     metrics = MetricsLog(run_dir / "metrics.jsonl", info, cfg.run,
                          cfg.resume_from_step if cfg.resume_from_step >= 0 else None)
     return Run(cfg=cfg, plan=plan, info=info, device=device, model=model, opt=opt, tokenizer=tokenizer,
