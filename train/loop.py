@@ -22,60 +22,24 @@ from engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
 from engine.engine import Engine, SamplingParams
 from engine.gpt import GPT, build_model
 from engine.paths import get_base_dir
-from engine.tokenizer import Tokenizer, load_token_bytes
-from kernels import resolve_impl
+from engine.tokenizer import Tokenizer
 from train import data
 from train.config import TrainConfig, TrainPlan, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay
 from train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from train.optim import MuonAdamW, build_param_groups
 from train.progress import Heartbeat, InterruptGuard, format_duration
+from train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: part of this module's interface)
+    check_impl,
+    cpu_contention,
+    epochs_warning,
+    load_tokenizer,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+)
 
 SINGLE = DistInfo()  # a single process
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SAMPLE_PROMPTS = ["Return the", "This module provides", "The default value is", "If the"]
-MAX_EPOCHS = 4  # passes over the training data beyond which a warning is printed
-
-
-# ---- setup -------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA when available, else the CPU. A device this machine lacks is a user error (ValueError)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name}, but this machine has no CUDA device (use --device=cpu or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-    if name not in dtypes:
-        raise ValueError(f"--dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
-    return dtypes[name]
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """bf16 dense peak of one GPU (SPEC §5), or None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def load_tokenizer(base_dir: Path) -> tuple[Tokenizer, torch.Tensor]:
-    tok_dir = base_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.pkl").exists():
-        raise FileNotFoundError(f"no tokenizer in {tok_dir}: train one first with `python -m scripts.tok_train`")
-    return Tokenizer.from_directory(tok_dir), load_token_bytes(tok_dir)
 
 
 # ---- steps -------------------------------------------------------------------------------------
@@ -234,42 +198,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def cpu_contention(threads: int) -> str | None:
-    """A one-line warning when torch's `threads` exceed the cores this process may use, or other processes
-    already keep those cores busy (two torch processes on two cores slow each other several-fold)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads > cores:
-        return (f"warning: torch runs {threads} threads on {cores} available cores; oversubscribed threads slow "
-                f"every step (set OMP_NUM_THREADS={cores})")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if cores - load < threads - 0.5:
-        return (f"warning: the load average is {load:.1f} on {cores} cores: other processes are using the cores "
-                f"torch's {threads} threads need; expect steps several times slower until they finish")
-    return None
-
-
-def epochs_warning(horizon_tokens: int, train_tokens: int) -> str | None:
-    """A one-line warning when the token horizon is more than MAX_EPOCHS passes over the training split: up to
-    ~4 epochs, repeated tokens train almost as well as fresh ones; beyond, returns fade fast (Muennighoff et al.
-    2023, "Scaling Data-Constrained Language Models")."""
-    epochs = horizon_tokens / max(train_tokens, 1)
-    if epochs <= MAX_EPOCHS:
-        return None
-    return (f"warning: {horizon_tokens:,} training tokens are about {epochs:,.0f} passes over the training split "
-            f"(~{train_tokens:,} tokens); beyond ~{MAX_EPOCHS} repeated data stops paying: add data (--data), or "
-            f"lower --target-param-data-ratio or --num-iterations")
-
-
 # ---- setup ----------------------------------------------------------------------------------------------
-def check_impl(impl: str, device: torch.device) -> str:
-    """The run's impl, resolved once; --impl=triton where no kernel can run is a user error."""
-    resolved = resolve_impl(impl, device)
-    if resolved == "triton" and resolve_impl("auto", device) != "triton":
-        raise ValueError(f"--impl=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels in the "
-                         f"Triton interpreter on the CPU); this run is on {device}")
-    return resolved
-
-
 def _data_files(cfg: TrainConfig, base_dir: Path, info: DistInfo, hb: Heartbeat) -> tuple[Path, list[Path]]:
     if cfg.data:
         data_dir = Path(cfg.data)
@@ -378,8 +307,8 @@ def validate(run: Run) -> float:
     B, T = plan.device_batch_size, cfg.max_seq_len
     ranks = info.world_size if run.val_sharded else 1
     steps = max(1, plan.eval_tokens // (B * T * ranks))
-    run.hb.doing("validation")
-    progress = lambda i: run.hb.detail(f"batch {i}/{steps}")  # noqa: E731
+    run.hb.doing("validation", f"{steps} batches of {B} x {T} tokens")
+    progress = lambda i: run.hb.detail(f"batch {i}/{steps} done")  # noqa: E731
     run.model.eval()
     try:
         if run.val_sharded:
@@ -402,6 +331,14 @@ def _every(n: int, step: int) -> bool:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended training; `step` is the last completed step, `saved` whether its checkpoint is on disk."""
+
+    def __init__(self, message: str, step: int, saved: bool):
+        super().__init__(message)
+        self.step, self.saved = step, saved
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None, fail_at: int | None = None) -> dict:
     """Train per `cfg`, as one process or as one rank of a torchrun job; returns
     {"losses": {step: loss}, "val_bpb": {step: bpb}, "samples": [...], "plan", "run_dir", "final_step"}.
@@ -426,19 +363,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, fail_at: int | None =
             _loop(run, state, loader, result, guard, stop_after, fail_at)
         except KeyboardInterrupt:
             raise _interrupted(run, state, result) from None
+        del result["loader_state"], result["saved"]  # the loop's bookkeeping for a checkpoint after Ctrl-C
         result["final_step"] = state.step
         if len(result["val_bpb"]) > 1:
             (s0, b0), (s1, b1) = min(result["val_bpb"].items()), max(result["val_bpb"].items())
             run.say(f"validation bpb {b0:.4f} at step {s0} -> {b1:.4f} at step {s1}")
         return result
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C ended training; `step` is the last completed step, `saved` whether its checkpoint is on disk."""
-
-    def __init__(self, message: str, step: int, saved: bool):
-        super().__init__(message)
-        self.step, self.saved = step, saved
 
 
 def _interrupted(run: Run, state: LoopState, result: dict) -> Interrupted:
