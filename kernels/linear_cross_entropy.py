@@ -22,6 +22,13 @@ Gradients, by reduction:
 Memory beyond inputs and gradients: one (R, V) chunk in x's dtype, W in x's dtype when weight has another
 dtype (the fp32 master weight under bf16 x), the fp32 (Vp, C) grad_W accumulator (plus one fp32 (V, C)
 product at a time for half-precision x on CUDA), 4 bytes of loss per row; nothing else grows with N.
+
+The reference (``linear_softcap_cross_entropy_ref``, also what impl="torch" and CPUs run) is chunked the same
+way in plain PyTorch, with smaller chunks (2^23 logits: R = 256 rows at V = 32768): per chunk, logits = x_c @ W^T
+then ``softcap_cross_entropy_ref`` per row; backward recomputes each chunk under autograd and backpropagates the
+chunk's upstream gradients, accumulating grad_W in fp32. Peak memory beyond inputs and gradients is a few
+(R, V) temporaries, never N x V: at V = 32768 the unchunked form holds 0.8 GiB of fp32 logits per 2048 tokens,
+and autograd keeps several such copies.
 """
 
 from __future__ import annotations
@@ -42,17 +49,18 @@ from kernels.cross_entropy import (
 __all__ = ["linear_softcap_cross_entropy", "linear_softcap_cross_entropy_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x's dtypes the chunked path takes
 _CHUNK_LOGITS = 1 << 27  # logits elements per chunk: 256 MiB in bf16 (R = 4096 rows at V = 32768)
+_REF_CHUNK_LOGITS = 1 << 23  # the reference's chunk: 32 MiB per fp32 (R, V) temporary (R = 256 at V = 32768)
 
 
-def chunk_rows(n: int, vocab: int) -> int:
-    """Rows per chunk for N tokens and V classes.
+def chunk_rows(n: int, vocab: int, logits: int = _CHUNK_LOGITS) -> int:
+    """Rows per chunk for N tokens and V classes, a chunk holding about `logits` (2^27) logits.
 
     R = floor(2^27 / V) rounded down to a multiple of 128 (at least 256), so a chunk of logits holds about
     2^27 elements whatever N is; each chunk's matmuls stay large (R x V x C, e.g. 4096 x 32768 x 1536) and
     grad_W is accumulated only ceil(N / R) times. The rows are then balanced across the ceil(N / R) chunks
     (rounded up to a multiple of 128, never above R) so that the last chunk is not a sliver. N <= R: one chunk.
     """
-    cap = max(256, _CHUNK_LOGITS // vocab // 128 * 128)
+    cap = max(256, logits // vocab // 128 * 128)
     if n <= cap:
         return max(n, 1)
     per_chunk = -(-n // -(-n // cap))  # ceil(N / number of chunks)
@@ -181,6 +189,48 @@ def linear_softcap_cross_entropy(
     return reduce_losses(_chunked(x, weight, t, softcap, ignore_index, vocab)[0], count, targets.shape, reduction)
 
 
+def _ref_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, softcap: float | None,
+               ignore_index: int) -> torch.Tensor:
+    """Per-row losses (R,) of one chunk: x (R, C) and w (V, C) in one dtype, t (R,)."""
+    return softcap_cross_entropy_ref(F.linear(x, w), t, softcap, ignore_index, "none")
+
+
+class _ChunkedRefCE(torch.autograd.Function):
+    """Per-row losses of x (N, C) @ w (V, C)^T, `rows` rows at a time; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, x, w, t, softcap, ignore_index, rows):
+        ctx.save_for_backward(x, w, t)
+        ctx.meta = (softcap, ignore_index, rows)
+        losses = torch.empty(x.size(0), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for s in range(0, x.size(0), rows):
+            losses[s:s + rows] = _ref_chunk(x[s:s + rows], w, t[s:s + rows], softcap, ignore_index)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dlosses):
+        x, w, t = ctx.saved_tensors
+        softcap, ignore_index, rows = ctx.meta
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        # grad_W summed over the chunks in fp32 (float64 stays float64), rounded to w's dtype once at the end
+        acc = torch.promote_types(w.dtype, torch.float32)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        for s in range(0, x.size(0), rows):
+            xc = x[s:s + rows].detach().requires_grad_(need_x)
+            wc = w.detach().requires_grad_(need_w)
+            with torch.enable_grad():
+                losses = _ref_chunk(xc, wc, t[s:s + rows], softcap, ignore_index)
+            wanted = [v for v, need in ((xc, need_x), (wc, need_w)) if need]
+            grads = list(torch.autograd.grad(losses, wanted, dlosses[s:s + rows]))
+            if need_x:
+                gx[s:s + rows] = grads.pop(0)
+            if need_w:
+                gw += grads.pop(0)
+        return gx, None if gw is None else gw.to(w.dtype), None, None, None, None
+
+
 def linear_softcap_cross_entropy_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -189,8 +239,29 @@ def linear_softcap_cross_entropy_ref(
     ignore_index: int = -1,
     reduction: str = "mean",
     vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...)."""
+    """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...).
+
+    The rows are processed `chunk_size` at a time (None: about 2^23 logits per chunk, see ``chunk_rows``),
+    recomputing each chunk's logits in backward, so no N x V tensor is ever held. chunk_size=0: the plain
+    unchunked expression (full logits; what torch.compile baselines take). Both give the same losses and,
+    up to the order of the grad_W sum over chunks, the same gradients.
+    """
+    if chunk_size is not None and not (type(chunk_size) is int and chunk_size >= 0):
+        raise ValueError(f"chunk_size must be None or an int >= 0, got {chunk_size!r}")
     w = weight if vocab_size is None else weight[:vocab_size]  # padding rows are never read
-    logits = F.linear(x, w.to(x.dtype))
-    return softcap_cross_entropy_ref(logits, targets, softcap, ignore_index, reduction)
+    w = w.to(x.dtype)
+    if chunk_size == 0:
+        return softcap_cross_entropy_ref(F.linear(x, w), targets, softcap, ignore_index, reduction)
+    c = x.size(-1)
+    x2 = x.reshape(x.shape[:-1].numel(), c)  # reshape(-1, C) fails for C = 0
+    t = targets.reshape(-1)
+    rows = chunk_size or chunk_rows(x2.size(0), w.size(0), _REF_CHUNK_LOGITS)
+    losses = _ChunkedRefCE.apply(x2, w, t, softcap, ignore_index, max(rows, 1))
+    if reduction == "none":
+        return losses.reshape(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (t != ignore_index).sum().clamp(min=1)

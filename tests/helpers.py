@@ -5,6 +5,7 @@ sys.path (pyproject.toml), so `tests` is a namespace package.
 """
 
 import torch
+import torch.utils._python_dispatch
 
 F32_EPS = torch.finfo(torch.float32).eps  # 2^-23: the eps the float32 kernels' norms default to (F.rms_norm's)
 
@@ -27,3 +28,25 @@ def rand32(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Normwise relative error ||got - want||_F / ||want||_F, computed in float64."""
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (in elements) any op returns while the mode is on, backward included:
+    `with LargestTensor() as m: ...; m.numel, m.shape`. Pins peak-memory claims (e.g. no N x V logits).
+    `last_dim`: only tensors whose last dimension is one of these sizes count (e.g. the vocabulary's)."""
+
+    def __init__(self, last_dim: tuple[int, ...] | None = None):
+        super().__init__()
+        self.last_dim = last_dim
+        self.numel, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if self.last_dim and (t.dim() == 0 or t.shape[-1] not in self.last_dim):
+                continue
+            if t.numel() > self.numel:
+                self.numel, self.shape = t.numel(), tuple(t.shape)
+        return out

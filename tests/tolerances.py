@@ -129,6 +129,20 @@ TOLERANCES: dict[str, dict[torch.dtype, Bound]] = {
         f32: Bound(1e-4, 1e-4, "dx = dZ @ W and dW = dZ^T @ x: two more fp32 GEMMs (over V, over N) after the "
                    "softmax; seen 0.18 of the bound with logits up to 1e4."),
     },
+    "linear_cross_entropy_chunked": {  # the chunked reference against its unchunked expression, same inputs
+        f64: FLOAT64,
+        f32: Bound(1e-6, 1e-5, "the same per-row fp32 math on row slices of the same GEMM (a BLAS blocks a slice "
+                   "differently: a few ulps per loss ~ 5); seen 1.9e-6 on a sum of 40 losses (~200)."),
+        bf16: Bound(1e-6, 1e-5, "bf16 logits of the same bf16 GEMM, losses in fp32: as fp32; seen 0."),
+    },
+    "linear_cross_entropy_chunked_grad": {  # relative to max |grad|
+        f64: FLOAT64,
+        f32: Bound(1e-5, 1e-5, "grad_W is a sum over chunks in fp32 instead of one GEMM over N: rounding in another "
+                   "order, a few ulps per term; seen 3.5e-7."),
+        bf16: Bound(1e-2, 1e-2, "the unchunked grad_W is one bf16 GEMM rounded once; the chunked one rounds each "
+                    "chunk's bf16 product and sums in fp32: under a bf16 step (7.8e-3), seen 6.1e-3; grad_x (per "
+                    "row) exact."),
+    },
     # ---- the ReLU^2 MLP (two GEMMs) against float64 math; atol relative to max |want| ----
     "matmul": {
         f64: FLOAT64,

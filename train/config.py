@@ -18,17 +18,22 @@ from engine.gpt import GPT, GPTConfig
 B_REF = 2**19  # the reference batch (tokens) of the depth-12 model the scaling laws are anchored to
 REF_DEPTH = 12
 BATCH_EXPONENT = 0.383  # optimal batch grows as (tokens)^0.383
+GPU_DEVICE_BATCH = 32  # rows of T tokens per micro-batch per GPU (SPEC §7)
+CPU_MICRO_TOKENS = 2048  # tokens per micro-batch on a CPU: one 2048-token row, a step of seconds at depth 4
+EVAL_TOKENS = 80 * B_REF  # the recipe's validation size (SPEC §7)
+CPU_EVAL_MICRO_BATCHES = 4  # validation on a CPU: four micro-batches per rank
+EVAL_EVERY = 250  # the recipe's validation cadence, in steps
 
 
 @dataclass
 class TrainConfig:
-    """What the user sets; -1 means "derive from depth"."""
+    """What the user sets; -1 means "derive" (from depth, or from the device, see `configs_from_depth`)."""
 
     depth: int = 20
     max_seq_len: int = 2048
     window_pattern: str = "SSSL"
     n_kv_head: int = -1
-    device_batch_size: int = 32
+    device_batch_size: int = -1
     total_batch_size: int = -1
     target_param_data_ratio: float = 12.0
     num_iterations: int = -1
@@ -40,8 +45,8 @@ class TrainConfig:
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65
     final_lr_frac: float = 0.05
-    eval_every: int = 250
-    eval_tokens: int = 80 * 2**19
+    eval_every: int = EVAL_EVERY
+    eval_tokens: int = -1
     save_every: int = -1
     sample_every: int = -1
     resume_from_step: int = -1
@@ -60,13 +65,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or self.depth < 1:
             raise ValueError(f"--depth must be an integer >= 1, got {self.depth!r}")
-        for name in ("max_seq_len", "device_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 1:
+            raise ValueError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
+        for name in ("device_batch_size", "total_batch_size", "eval_tokens"):
+            if getattr(self, name) < 1 and getattr(self, name) != -1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or -1: derive), got {getattr(self, name)}")
+        if self.num_iterations < -1:
+            raise ValueError(f"--num-iterations must be >= 0 (or -1: derive), got {self.num_iterations}")
         if self.target_param_data_ratio <= 0:
-            raise ValueError("--target-param-data-ratio must be > 0")
+            raise ValueError(f"--target-param-data-ratio must be > 0, got {self.target_param_data_ratio}")
         if not 0 <= self.warmdown_ratio <= 1:
-            raise ValueError("--warmdown-ratio must be in [0, 1]")
+            raise ValueError(f"--warmdown-ratio must be in [0, 1], got {self.warmdown_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
+        if not self.run:
+            raise ValueError("--run must name the run (a non-empty string)")
 
 
 @dataclass
@@ -74,6 +89,7 @@ class TrainPlan:
     """The resolved plan: everything the loop needs, derived from a TrainConfig."""
 
     model_config: GPTConfig
+    device_batch_size: int
     total_batch_size: int
     grad_accum_steps: int
     num_iterations: int
@@ -82,7 +98,14 @@ class TrainPlan:
     scaling_params: int
     target_tokens: int
     flops_per_token: int
+    eval_tokens: int
+    eval_one_pass: bool  # stop the validation at the end of the split (one pass at most)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def horizon_tokens(self) -> int:
+        """Tokens this plan trains on: steps x batch."""
+        return self.num_iterations * self.total_batch_size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,46 +125,84 @@ def _meta_model(config: GPTConfig) -> GPT:
         return GPT(config)
 
 
-def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> TrainPlan:
+def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1, device_type: str = "cuda") -> TrainPlan:
+    """The plan for `cfg` on `world_size` processes of `device_type` ("cuda" or "cpu"): every -1 of cfg resolved.
+
+    From depth (SPEC §7): width and heads, the token horizon, the batch, the steps, the learning-rate scale and
+    Muon's weight decay. From the device: the micro-batch, the validation size and, on a CPU, the total batch.
+    """
     model_config = model_config_for(cfg, vocab_size)
     model = _meta_model(model_config)  # shapes only, nothing allocated
     P = model.num_params()["scaling"]
     ref_cfg = TrainConfig(**{**asdict(cfg), "depth": REF_DEPTH, "n_kv_head": -1})  # the reference d12, MHA
     P_ref = _meta_model(model_config_for(ref_cfg, vocab_size)).num_params()["scaling"]
+    cpu = device_type == "cpu"
     notes = []
-    # Data horizon: a fixed ratio of tokens to scaling parameters (transformer blocks + lm_head).
+    # Data horizon: a fixed ratio of tokens to parameters, Chinchilla's compute-optimal rule (Hoffmann et al. 2022,
+    # ~20 tokens per parameter). nanochat counts only the parameters that cost matmul FLOPs per token (transformer
+    # blocks + lm_head; the embedding tables are lookups) and takes 12 of its tokens per such parameter (8 for the
+    # speedrun: slightly under-trained, faster to the GPT-2 bar).
     D = int(cfg.target_param_data_ratio * P)
     D_ref = cfg.target_param_data_ratio * P_ref
-    # Batch: the reference batch at depth 12, grown with the token horizon as D^0.383, a power of two.
+    # Micro-batch: what one device holds and computes in one pass. A GPU: the recipe's 32 rows of T tokens. A CPU:
+    # about 2048 tokens, so activations stay small and one micro-batch takes seconds, not minutes.
+    B_micro = cfg.device_batch_size
+    if B_micro == -1:
+        B_micro = max(1, CPU_MICRO_TOKENS // cfg.max_seq_len) if cpu else GPU_DEVICE_BATCH
+        notes.append(f"micro-batch {B_micro} x {cfg.max_seq_len} tokens (derived for {device_type})")
+    tokens_per_micro = B_micro * cfg.max_seq_len * world_size
+    # Batch: the optimal batch grows with the token horizon as a power law (nanochat's fit, D^0.383, anchored at
+    # 2^19 tokens for d12; cf. the batch-size power laws of Kaplan et al. 2020 and DeepSeek LLM, Bi et al. 2024),
+    # rounded to a power of two. On a CPU that batch (2^18+ tokens) would take minutes per step, so it is one
+    # micro-batch per rank, no accumulation, unless set; the learning rates below follow whichever batch it is.
     if cfg.total_batch_size > 0:
         B = cfg.total_batch_size
         notes.append(f"total batch {B:,} tokens (set)")
     else:
-        B = 2 ** round(math.log2(B_REF * (D / D_ref) ** BATCH_EXPONENT))
-        notes.append(f"total batch {B:,} tokens = 2^round(log2(2^19 * (D/D_ref)^0.383))")
-    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+        B_recipe = 2 ** round(math.log2(B_REF * (D / D_ref) ** BATCH_EXPONENT))
+        if cpu:
+            B = tokens_per_micro
+            notes.append(f"total batch {B:,} tokens = one micro-batch per rank on CPU (the recipe's "
+                         f"2^round(log2(2^19 * (D/D_ref)^0.383)) = {B_recipe:,}: --total-batch-size={B_recipe})")
+        else:
+            B = B_recipe
+            notes.append(f"total batch {B:,} tokens = 2^round(log2(2^19 * (D/D_ref)^0.383))")
     if B % tokens_per_micro:
         raise ValueError(
-            f"total batch size {B} is not divisible by device_batch_size * max_seq_len * world_size "
-            f"= {cfg.device_batch_size} * {cfg.max_seq_len} * {world_size} = {tokens_per_micro}"
+            f"--total-batch-size {B} is not divisible by device_batch_size * max_seq_len * world_size "
+            f"= {B_micro} * {cfg.max_seq_len} * {world_size} = {tokens_per_micro}"
         )
     grad_accum = B // tokens_per_micro
-    # Steps: the token horizon divided by the batch, unless set.
-    steps = cfg.num_iterations if cfg.num_iterations > 0 else max(1, D // B)
-    notes.append(f"{steps:,} steps" + (" (set)" if cfg.num_iterations > 0 else f" = {D:,} tokens // batch"))
-    # Learning rates scale with sqrt(batch / reference batch); Muon weight decay also with D_ref/D.
+    # Steps: the token horizon divided by the batch, unless set (0 steps: only the evaluation of step 0).
+    steps = cfg.num_iterations if cfg.num_iterations >= 0 else max(1, D // B)
+    notes.append(f"{steps:,} steps" + (" (set)" if cfg.num_iterations >= 0 else f" = {D:,} tokens // batch"))
+    # Learning rates: the square-root scaling rule for Adam-type optimizers (Malladi et al. 2022, "On the SDEs and
+    # Scaling Rules for Adaptive Gradient Algorithms"): lr ~ sqrt(batch), relative to the d12 reference batch.
     lr_scale = math.sqrt(B / B_REF)
+    # Muon weight decay: AdamW's decay acts as an average over the last ~1/(lr * wd) steps; keeping that window a
+    # fixed fraction of the training tokens (Wang & Aitchison 2024, "How to set AdamW's weight decay as you scale
+    # model and dataset size") gives wd ~ B / (lr * D) ~ sqrt(B) / D: 0.28 at the reference d12.
     wd = cfg.weight_decay * lr_scale * (D_ref / D)
-    notes.append(f"lr scale sqrt(B/2^19) = {lr_scale:.4f}; muon weight decay {wd:.5f}")
-    return TrainPlan(model_config=model_config, total_batch_size=B, grad_accum_steps=grad_accum,
-                     num_iterations=steps, lr_scale=lr_scale, matrix_weight_decay=wd, scaling_params=P,
-                     target_tokens=D, flops_per_token=model.flops_per_token(), notes=notes)
+    notes.append(f"lr scale sqrt(B/2^19) = {lr_scale:.4f}; muon weight decay 0.28 * sqrt(B/2^19) * D_ref/D = {wd:.5f}")
+    # Validation: the recipe's 80 x 2^19 tokens on a GPU, four micro-batches per rank on a CPU (one is seconds to
+    # a minute there); never more than one pass over the validation split unless --eval-tokens asks for it.
+    eval_tokens = cfg.eval_tokens
+    if eval_tokens == -1:
+        eval_tokens = CPU_EVAL_MICRO_BATCHES * tokens_per_micro if cpu else EVAL_TOKENS
+        notes.append(f"validation {eval_tokens:,} tokens every {cfg.eval_every} steps (at most one pass over the "
+                     f"validation split)")
+    return TrainPlan(model_config=model_config, device_batch_size=B_micro, total_batch_size=B,
+                     grad_accum_steps=grad_accum, num_iterations=steps, lr_scale=lr_scale, matrix_weight_decay=wd,
+                     scaling_params=P, target_tokens=D, flops_per_token=model.flops_per_token(),
+                     eval_tokens=eval_tokens, eval_one_pass=cfg.eval_tokens == -1, notes=notes)
 
 
 # ---- schedules (pure functions of the step) ----------------------------------------------------
 def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
-    """Linear warmup, flat, then linear warmdown over the last `warmdown_ratio` of training to final_lr_frac."""
+    """Warmup-stable-decay: linear warmup over `warmup_steps`, flat, then a linear warmdown over the last
+    `warmdown_ratio` of the steps down to `final_lr_frac` (SPEC §7; the WSD schedule, whose cool-down at the
+    end does the work of a cosine: Hägele et al. 2024)."""
     warmdown_steps = round(warmdown_ratio * num_iterations)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -152,53 +213,78 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ra
 
 
 def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """0.85 -> 0.97 over the first 400 steps, then 0.97 -> 0.90 across the warmdown."""
-    warmdown_start = num_iterations - round(warmdown_ratio * num_iterations)
-    if step < 400 and step < warmdown_start:
+    """Muon's momentum (SPEC §7): 0.85 -> 0.97 over the first 400 steps (the warm-up wins, even inside the
+    warmdown of a short run); then 0.97, and across the warmdown from 0.97 down to 0.90."""
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_steps
+    if step < 400:
         return 0.85 + (0.97 - 0.85) * step / 400
-    if step < warmdown_start:
-        return 0.97
-    start_value = 0.85 + (0.97 - 0.85) * min(warmdown_start, 400) / 400
-    frac = (step - warmdown_start) / max(1, num_iterations - warmdown_start)
-    return start_value + (0.90 - start_value) * min(frac, 1.0)
+    if step >= warmdown_start and warmdown_steps > 0:
+        return 0.97 + (0.90 - 0.97) * (step - warmdown_start) / warmdown_steps
+    return 0.97
 
 
 def muon_weight_decay(step: int, num_iterations: int, base: float) -> float:
-    """Cosine from full to 0 over training."""
-    return base * 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / num_iterations))
+    """Cosine from `base` at step 0 to 0 at the last step: base * 0.5 * (1 + cos(pi * step / steps))."""
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(num_iterations, 1)))
 
 
 # ---- command line ---------------------------------------------------------------------------------
 _HELP = {
     "depth": "number of layers; sets every other hyperparameter",
-    "device_batch_size": "sequences per micro-batch per device",
-    "total_batch_size": "tokens per optimizer step (-1: derived from depth)",
-    "num_iterations": "optimizer steps (-1: derived from the token horizon)",
-    "target_param_data_ratio": "training tokens per scaling parameter",
+    "max_seq_len": "tokens per row (the model's context)",
     "window_pattern": "sliding-window pattern tiled over layers (S short, L long)",
+    "n_kv_head": "key/value heads (-1: as many as query heads)",
+    "device_batch_size": "rows per micro-batch per device (-1: 32 on a GPU, 2048 tokens' worth on a CPU)",
+    "total_batch_size": "tokens per optimizer step (-1: derived from depth; one micro-batch per rank on a CPU)",
+    "target_param_data_ratio": "training tokens per scaling parameter",
+    "num_iterations": "optimizer steps (-1: derived from the token horizon; 0: evaluate only)",
+    "embedding_lr": "AdamW lr of wte (value_embeds: half), before the batch and width scaling",
+    "unembedding_lr": "AdamW lr of lm_head, before the batch and width scaling",
+    "matrix_lr": "Muon lr of the transformer matrices, before the batch scaling",
+    "scalar_lr": "AdamW lr of the residual/x0 lambdas, before the batch scaling",
+    "weight_decay": "Muon weight decay at the reference d12 (scaled with batch and horizon)",
+    "warmup_steps": "linear lr warmup steps",
+    "warmdown_ratio": "fraction of the steps in the final linear lr warmdown",
+    "final_lr_frac": "lr multiplier at the end of the warmdown",
+    "eval_every": "validation bits per byte every N steps (<= 0: only at the start and the end)",
+    "eval_tokens": "validation tokens (-1: 80 x 2^19 on a GPU, 4 micro-batches on a CPU, at most one pass over "
+                   "the validation split; a set value may repeat it)",
+    "save_every": "checkpoint every N steps (<= 0: only at the end)",
+    "sample_every": "sample prompts every N steps (<= 0: only at the end)",
+    "resume_from_step": "resume from the checkpoint at this step (-1: start fresh)",
     "device": "auto | cpu | cuda | cuda:N",
-    "dtype": "auto | bfloat16 | float32 (activation dtype)",
-    "impl": "auto | torch | triton (op implementations)",
-    "data": "folder of parquet or .txt files (default: the embedded corpus)",
-    "base_dir": "where the tokenizer, data and checkpoints live (default $TRITONCHAT_BASE_DIR or ~/.cache/tritonchat)",
-    "run_dir": "checkpoints and metrics (default <base_dir>/base_checkpoints/d<depth>)",
-    "eval_every": "validation bits per byte every N steps (-1: only at the end)",
-    "save_every": "checkpoint every N steps (-1: only at the end)",
-    "sample_every": "sample prompts every N steps (-1: only at the end)",
-    "resume_from_step": "resume from the checkpoint at this step",
+    "dtype": "auto | bfloat16 | float32 (activation dtype; auto: bf16 on CUDA, fp32 on CPU)",
+    "impl": "auto | torch | triton (op implementations; triton needs CUDA or TRITON_INTERPRET=1)",
+    "seed": "seed of the weight initialization",
+    "data": "folder of parquet or .txt files (empty: the embedded corpus)",
+    "base_dir": "where the tokenizer, data and checkpoints live (empty: $TRITONCHAT_BASE_DIR, else ./.tritonchat "
+                "when it exists, else ~/.cache/tritonchat)",
+    "run_dir": "checkpoints and metrics (empty: <base_dir>/base_checkpoints/d<depth>)",
+    "run": "the run's name (nanochat's wandb run name): shown in the banner, recorded in metrics.jsonl and meta",
+    "log_every": "print a step line every N steps",
     "dist_timeout": "seconds a collective may wait before the job fails (multi-process runs)",
+    "quiet": "print nothing but errors",
 }
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line (`python -m train: error: ...`, exit code 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Pretrain a GPT; depth sets everything.")
+    p = _ArgumentParser(prog="python -m train", description="Pretrain a GPT; depth sets everything.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+            p.add_argument(flag, action="store_true", help=_HELP[f.name])
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default, help=_HELP.get(f.name, f"(default {f.default})"))
+            p.add_argument(flag, type=typ, default=f.default, help=_HELP[f.name])
     return p
 
 

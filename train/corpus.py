@@ -24,11 +24,12 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import sysconfig
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -78,6 +79,11 @@ def _file_docstrings(path: Path) -> list[str] | None:
     return docs
 
 
+def _ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool), not a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _files_docstrings(paths: list[Path], workers: int) -> Iterator[list[str] | None]:
     """`_file_docstrings` of each path, in order; parsed by `workers` processes when there are many files.
 
@@ -87,7 +93,7 @@ def _files_docstrings(paths: list[Path], workers: int) -> Iterator[list[str] | N
         yield from map(_file_docstrings, paths)
         return
     try:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_ignore_sigint)
     except (OSError, ValueError, NotImplementedError):
         yield from map(_file_docstrings, paths)
         return
@@ -103,13 +109,15 @@ def stdlib_dir() -> Path:
 
 
 def collect_documents(min_chars: int = 64, max_docs: int | None = None, workers: int | None = None,
-                      skipped: list[str] | None = None) -> list[str]:
+                      skipped: list[str] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Documentation texts of this Python's standard library, deduplicated, in a deterministic collection order.
 
     `max_docs` stops collecting after that many documents (the help topics come first, then the standard
     library in file order): a quick, small corpus for tests. `workers` processes parse the sources
     (default: up to 8, one per CPU). `skipped`, when given, receives the paths (relative to the standard
-    library's folder) of the files that could not be read, decoded or parsed.
+    library's folder) of the files that could not be read, decoded or parsed. `progress(files_parsed,
+    files_total)` is called after each source file.
     """
     from pydoc_data.topics import topics
 
@@ -140,7 +148,9 @@ def collect_documents(min_chars: int = 64, max_docs: int | None = None, workers:
     paths = _python_files(root)
     parsed = _files_docstrings(paths, workers)
     try:
-        for path, file_docs in zip(paths, parsed):
+        for i, (path, file_docs) in enumerate(zip(paths, parsed)):
+            if progress is not None:
+                progress(i + 1, len(paths))
             if file_docs is None:
                 if skipped is not None:
                     skipped.append(path.relative_to(root).as_posix())
@@ -171,13 +181,16 @@ def _atomic_write_json(obj: dict, path: Path) -> None:
 
 def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_per_group: int = 128,
                          val_fraction: float = 0.05, seed: int = 1337, min_chars: int = 64,
-                         max_docs: int | None = None, workers: int | None = None, verbose: bool = True) -> list[Path]:
+                         max_docs: int | None = None, workers: int | None = None, verbose: bool = True,
+                         progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """Collect the documents (`collect_documents`), shuffle them with `seed` and write `num_shards` shards.
 
     The last shard holds the validation documents (`val_fraction`, at least one); the first `num_shards - 1`
     share the rest evenly. Any previous shards in `out_dir` are removed first. Returns the shard paths, sorted.
     Row groups are the loader's reading units, shared out among ranks: 128 rows still make ~35 training and 2
     validation units of the standard library's ~4,000 documents.
+    `progress(files_parsed, files_total)` follows the parsing; without it, `verbose` prints a line every few
+    seconds.
     """
     if num_shards < 2:
         raise ValueError(f"num_shards must be at least 2 (training shards + the validation shard), got {num_shards}")
@@ -190,8 +203,10 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
     for old in out.glob("shard_*.parquet"):
         old.unlink()
 
+    if progress is None and verbose:
+        progress = _throttled_report(out)
     skipped: list[str] = []
-    docs = collect_documents(min_chars, max_docs, workers, skipped)
+    docs = collect_documents(min_chars, max_docs, workers, skipped, progress)
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()  # of the collection order, before the shuffle
     random.Random(seed).shuffle(docs)
     n_val = max(1, round(val_fraction * len(docs)))
@@ -230,6 +245,21 @@ def build_default_corpus(out_dir: str | os.PathLike, num_shards: int = 8, rows_p
     return paths
 
 
+def _throttled_report(folder: Path, every: float = 5.0) -> Callable[[int, int], None]:
+    """A progress callback printing "building the corpus in ...: i/n source files" at most every `every` s."""
+    last = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every:
+            print(f"building the {CORPUS_NAME} corpus in {folder}: {done:,}/{total:,} source files parsed",
+                  flush=True)
+            last = now
+
+    return report
+
+
 def _report(folder: Path, seconds: float) -> None:
     m = json.loads((folder / MANIFEST).read_text())
     skipped = m.get("skipped_files") or []
@@ -264,6 +294,8 @@ def ensure_default_corpus(base_dir: str | os.PathLike, **build_kwargs) -> Path:
     verbose = build_kwargs.pop("verbose", True)
     tmp = folder.with_name(f".{CORPUS_NAME}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if verbose and build_kwargs.get("progress") is None:
+        build_kwargs["progress"] = _throttled_report(folder)
     try:
         build_default_corpus(tmp, verbose=False, **build_kwargs)
         if corpus_is_complete(folder):  # another process finished first

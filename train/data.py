@@ -42,7 +42,7 @@ import torch
 from train.corpus import build_default_corpus, ensure_default_corpus
 
 __all__ = ["build_default_corpus", "ensure_default_corpus", "list_data_files", "split_files", "iter_documents",
-           "PackedLoader", "num_units"]
+           "PackedLoader", "num_units", "estimate_tokens"]
 
 TXT_WHOLE_CHARS = 8192  # a .txt file up to this long is one document
 TXT_DOC_CHARS = 4096  # a longer one is cut at blank lines into documents of about this many characters
@@ -132,6 +132,29 @@ def _num_units(path: Path) -> int:
 def num_units(files: Sequence[str | os.PathLike]) -> int:
     """How many reading units (row groups or .txt files) the files hold in all."""
     return sum(_num_units(Path(f)) for f in files)
+
+
+def _text_bytes(path: Path) -> int:
+    """About how many bytes of text a file holds: the `text` column's uncompressed size, or the file's size."""
+    if path.suffix != ".parquet":
+        return path.stat().st_size
+    meta = pq.ParquetFile(path).metadata
+    col = meta.schema.to_arrow_schema().get_field_index("text")
+    return sum(meta.row_group(i).column(col).total_uncompressed_size for i in range(meta.num_row_groups))
+
+
+def estimate_tokens(files: Sequence[str | os.PathLike], tokenizer: TokenizerLike) -> int:
+    """About how many tokens the files hold (one pass): their text bytes (parquet metadata, no reading) over the
+    bytes per token of the first non-empty unit, which is tokenized. For warnings, not for exact counts."""
+    files = [Path(f) for f in files]
+    for f in files:
+        for unit in range(_num_units(f)):
+            texts = _read_unit(f, unit)
+            if texts:
+                ids = tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())
+                per_token = sum(len(t.encode("utf-8")) for t in texts) / max(1, sum(map(len, ids)))
+                return int(sum(_text_bytes(p) for p in files) / max(per_token, 1e-9))
+    return 0
 
 
 def _read_unit(path: Path, row_group: int) -> list[str]:

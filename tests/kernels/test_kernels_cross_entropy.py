@@ -12,7 +12,7 @@ import torch
 import kernels.linear_cross_entropy as lce
 from kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
 from kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
-from tests.helpers import rand
+from tests.helpers import LargestTensor, rand
 from tests.tolerances import EXACT, tol
 
 F32 = torch.float32
@@ -151,6 +151,61 @@ def test_linear_ce_gradcheck():
     targets = torch.tensor([0, 6, -1])
     fn = lambda a, b: linear_softcap_cross_entropy_ref(a, b, targets, 4.0, vocab_size=7)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, F32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 40])
+def test_linear_ce_ref_chunks_match_unchunked(dtype, reduction, chunk):
+    """The chunked reference (recomputing each chunk in backward) against its unchunked expression
+    (chunk_size=0): the same per-row math, so losses to tol("linear_cross_entropy_chunked") and gradients to
+    its grad bound; only grad_W is summed over chunks in another order."""
+    x = (rand(5, 8, 24, seed=7) * 2).to(dtype).requires_grad_()
+    weight = (rand(64, 24, seed=8) / 4).float().requires_grad_()
+    targets = _targets((5, 8), 50, seed=9)
+    up = rand(5, 8, seed=10) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    out = {}
+    for size in (0, chunk):
+        xx, ww = (t.detach().clone().requires_grad_() for t in (x, weight))
+        loss = linear_softcap_cross_entropy_ref(xx, ww, targets, reduction=reduction, vocab_size=50, chunk_size=size)
+        (loss.double() * up).sum().backward()
+        out[size] = (loss, xx.grad, ww.grad)
+    (loss0, gx0, gw0), (loss1, gx1, gw1) = out[0], out[chunk]
+    assert loss1.dtype == loss0.dtype and gx1.dtype == dtype and gw1.dtype == F32
+    torch.testing.assert_close(loss1, loss0, **tol("linear_cross_entropy_chunked", dtype))
+    for got, want in ((gx1, gx0), (gw1, gw0)):
+        torch.testing.assert_close(got.double(), want.double(), **tol("linear_cross_entropy_chunked_grad", dtype,
+                                                                      scale=want.abs().max().item()))
+    assert torch.all(gw1[50:] == 0)
+
+
+@pytest.mark.parametrize("chunk", [32, None])
+def test_linear_ce_ref_never_holds_full_logits(chunk, monkeypatch):
+    """Forward and backward of the reference allocate nothing as large as the N x V logits once N x V exceeds a
+    chunk: the largest tensor any op returns is one chunk of logits (R, V). None: the default chunking, with the
+    budget shrunk to 2^15 logits (R = 256 rows, the minimum, at V = 256)."""
+    monkeypatch.setattr(lce, "_REF_CHUNK_LOGITS", 1 << 15)
+    n, c, v = 1000, 4, 256  # x (N, C) and weight (V, C) are smaller than a chunk of logits
+    rows = chunk or 256
+    x = rand(n, c, seed=1).float().requires_grad_()
+    weight = (rand(v, c, seed=2) / 3).float().requires_grad_()
+    targets = _targets((n,), v, seed=3)
+    for reduction in ("mean", "none"):
+        with LargestTensor() as seen:
+            loss = linear_softcap_cross_entropy_ref(x, weight, targets, reduction=reduction, chunk_size=chunk)
+            loss.sum().backward()
+        assert seen.numel == rows * v < n * v, (seen.shape, reduction)
+        with torch.no_grad(), LargestTensor() as seen:
+            linear_softcap_cross_entropy_ref(x, weight, targets, reduction=reduction, chunk_size=chunk)
+        assert seen.numel == rows * v, seen.shape
+    with LargestTensor() as seen:  # the unchunked expression does hold them: the probe sees what it should
+        linear_softcap_cross_entropy_ref(x, weight, targets, chunk_size=0).backward()
+    assert seen.numel == n * v
+
+
+def test_linear_ce_ref_chunk_size_checked():
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_softcap_cross_entropy_ref(rand(2, 4), rand(5, 4), torch.tensor([1, 2]), chunk_size=-1)
 
 
 def test_ce_bad_inputs():

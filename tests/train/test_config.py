@@ -63,3 +63,53 @@ def test_flags():
     for bad in (["--depth=0"], ["--depth=-3"], ["--device-batch-size=0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_defaults_from_the_device():
+    """-1 derives from the device: a GPU gets the recipe (32 x 2048 micro-batches, 80 x 2^19 validation tokens);
+    a CPU about 2048 tokens per micro-batch, one micro-batch per step and four for validation."""
+    gpu = configs_from_depth(TrainConfig(depth=4), vocab_size=32768, device_type="cuda")
+    assert gpu.device_batch_size == 32 and gpu.eval_tokens == 80 * 2**19 and gpu.total_batch_size == 2**18
+    cpu = configs_from_depth(TrainConfig(depth=4), vocab_size=32768, device_type="cpu")
+    assert cpu.device_batch_size == 1 and cpu.total_batch_size == 2048 and cpu.grad_accum_steps == 1
+    assert cpu.eval_tokens == 4 * 2048 and cpu.eval_one_pass
+    assert any("--total-batch-size=262144" in n for n in cpu.notes)  # the recipe's batch, one flag away
+    assert cpu.lr_scale == pytest.approx((2048 / 2**19) ** 0.5)  # the learning rates follow the batch
+    short = configs_from_depth(TrainConfig(depth=4, max_seq_len=256), vocab_size=4096, world_size=2, device_type="cpu")
+    assert short.device_batch_size == 8 and short.total_batch_size == 8 * 256 * 2
+    set_ = configs_from_depth(TrainConfig(depth=4, device_batch_size=2, total_batch_size=8192, eval_tokens=10**6),
+                              vocab_size=32768, device_type="cpu")
+    assert (set_.device_batch_size, set_.total_batch_size, set_.grad_accum_steps) == (2, 8192, 2)
+    assert set_.eval_tokens == 10**6 and not set_.eval_one_pass  # asked for: may repeat the split
+
+
+def test_num_iterations_zero_means_no_steps():
+    assert configs_from_depth(TrainConfig(depth=2, num_iterations=0), vocab_size=256).num_iterations == 0
+    assert configs_from_depth(TrainConfig(depth=2, num_iterations=5), vocab_size=256).num_iterations == 5
+    derived = configs_from_depth(TrainConfig(depth=2), vocab_size=256)
+    assert derived.num_iterations == derived.target_tokens // derived.total_batch_size
+    with pytest.raises(ValueError, match="--num-iterations"):
+        TrainConfig(num_iterations=-2)
+
+
+def test_short_run_momentum_follows_spec():
+    """SPEC §7: below step 400 the warm-up wins even inside the warmdown; the warmdown starts from 0.97."""
+    N, ratio = 20, 0.65  # warmdown: the last 13 steps, from step 7
+    assert muon_momentum(10, N, ratio) == pytest.approx(0.85 + 0.12 * 10 / 400)
+    N = 1000  # warmdown from step 350: step 399 still warms up, step 400 is 50 steps into it, from 0.97
+    assert muon_momentum(399, N, ratio) == pytest.approx(0.85 + 0.12 * 399 / 400)
+    assert muon_momentum(400, N, ratio) == pytest.approx(0.97 - 0.07 * 50 / 650)
+
+
+def test_help_shows_defaults_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 2048)" in out and "(default: -1)" in out and "0: evaluate only" in out
+    for bad, flag in ((["--depth=x"], "--depth"), (["--num-iterations=-2"], "--num-iterations"),
+                      (["--eval-tokens=0"], "--eval-tokens"), (["--log-every=0"], "--log-every")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and err.count("\n") == 1, err
