@@ -117,6 +117,48 @@ def _chunked(
     return losses, gx, gw
 
 
+def _ref_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, softcap: float | None,
+               ignore_index: int) -> torch.Tensor:
+    """Per-row losses (R,) of one chunk: x (R, C) and w (V, C) in one dtype, t (R,)."""
+    return softcap_cross_entropy_ref(F.linear(x, w), t, softcap, ignore_index, "none")
+
+
+class _ChunkedRefCE(torch.autograd.Function):
+    """Per-row losses of x (N, C) @ w (V, C)^T, `rows` rows at a time; backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, x, w, t, softcap, ignore_index, rows):
+        ctx.save_for_backward(x, w, t)
+        ctx.meta = (softcap, ignore_index, rows)
+        losses = torch.empty(x.size(0), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for s in range(0, x.size(0), rows):
+            losses[s:s + rows] = _ref_chunk(x[s:s + rows], w, t[s:s + rows], softcap, ignore_index)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dlosses):
+        x, w, t = ctx.saved_tensors
+        softcap, ignore_index, rows = ctx.meta
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        # grad_W summed over the chunks in fp32 (float64 stays float64), rounded to w's dtype once at the end
+        acc = torch.promote_types(w.dtype, torch.float32)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        for s in range(0, x.size(0), rows):
+            xc = x[s:s + rows].detach().requires_grad_(need_x)
+            wc = w.detach().requires_grad_(need_w)
+            with torch.enable_grad():
+                losses = _ref_chunk(xc, wc, t[s:s + rows], softcap, ignore_index)
+            wanted = [v for v, need in ((xc, need_x), (wc, need_w)) if need]
+            grads = list(torch.autograd.grad(losses, wanted, dlosses[s:s + rows]))
+            if need_x:
+                gx[s:s + rows] = grads.pop(0)
+            if need_w:
+                gw += grads.pop(0)
+        return gx, None if gw is None else gw.to(w.dtype), None, None, None, None
+
+
 class _LinearSoftcapCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, vocab):
@@ -187,48 +229,6 @@ def linear_softcap_cross_entropy(
     t = targets.reshape(-1).contiguous()
     count, _ = mean_scale(t, ignore_index, reduction)
     return reduce_losses(_chunked(x, weight, t, softcap, ignore_index, vocab)[0], count, targets.shape, reduction)
-
-
-def _ref_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, softcap: float | None,
-               ignore_index: int) -> torch.Tensor:
-    """Per-row losses (R,) of one chunk: x (R, C) and w (V, C) in one dtype, t (R,)."""
-    return softcap_cross_entropy_ref(F.linear(x, w), t, softcap, ignore_index, "none")
-
-
-class _ChunkedRefCE(torch.autograd.Function):
-    """Per-row losses of x (N, C) @ w (V, C)^T, `rows` rows at a time; backward recomputes each chunk."""
-
-    @staticmethod
-    def forward(ctx, x, w, t, softcap, ignore_index, rows):
-        ctx.save_for_backward(x, w, t)
-        ctx.meta = (softcap, ignore_index, rows)
-        losses = torch.empty(x.size(0), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        for s in range(0, x.size(0), rows):
-            losses[s:s + rows] = _ref_chunk(x[s:s + rows], w, t[s:s + rows], softcap, ignore_index)
-        return losses
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dlosses):
-        x, w, t = ctx.saved_tensors
-        softcap, ignore_index, rows = ctx.meta
-        need_x, need_w = ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        # grad_W summed over the chunks in fp32 (float64 stays float64), rounded to w's dtype once at the end
-        acc = torch.promote_types(w.dtype, torch.float32)
-        gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-        for s in range(0, x.size(0), rows):
-            xc = x[s:s + rows].detach().requires_grad_(need_x)
-            wc = w.detach().requires_grad_(need_w)
-            with torch.enable_grad():
-                losses = _ref_chunk(xc, wc, t[s:s + rows], softcap, ignore_index)
-            wanted = [v for v, need in ((xc, need_x), (wc, need_w)) if need]
-            grads = list(torch.autograd.grad(losses, wanted, dlosses[s:s + rows]))
-            if need_x:
-                gx[s:s + rows] = grads.pop(0)
-            if need_w:
-                gw += grads.pop(0)
-        return gx, None if gw is None else gw.to(w.dtype), None, None, None, None
 
 
 def linear_softcap_cross_entropy_ref(
