@@ -188,10 +188,10 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
         pre = {"g_ptr": "fp32", "buf_ptr": "fp32", "rowsq_ptr": "fp32", "part_ptr": "fp32"}
         mn = {"m": m, "n": n, "n_parts": triton.cdiv(m, br)}
         out.append(Plan("muon", "kernels.muon", "_nesterov_kernel", f"{m}x{n}", {"BLOCK_R": br, "BLOCK_C": bc}, pre,
-                        ("w_buf", "w_g"), ints=mn))
+                        ("w_buf", "w_g"), mu._TILE_WARPS, ints=mn))
         out.append(Plan("muon", "kernels.muon", "_equilibrate_kernel", f"{m}x{n}",
                         {"BLOCK_R": br, "BLOCK_C": bc, "BLOCK_P": triton.next_power_of_2(triton.cdiv(m, br))},
-                        {**pre, "x_ptr": dtype}, ("w_g", "sqrt_m"), ints=mn))
+                        {**pre, "x_ptr": dtype}, ("w_g", "sqrt_m"), mu._TILE_WARPS, ints=mn))
         row_lines = m >= n
         L, R = (m, n) if row_lines else (n, m)
         bc2, bo = mu._tile(R if row_lines else L, L if row_lines else R, True)

@@ -262,6 +262,11 @@ def _check_stack(name: str, t: object, fp32: bool = False) -> torch.Tensor:
     return _check_state(name, t, t.shape, t, fp32)
 
 
+# Warps of the 4096-element momentum tiles (Nesterov, equilibrate): at 4 warps each thread held 32 elements of g, the
+# buffer and their 64-bit addresses (166 registers); 8 halve that (`python -m bench.compile_report --family muon`).
+_TILE_WARPS = 8
+
+
 def _tile(contig: int, other: int, cuda: bool) -> tuple[int, int]:
     """(block along the contiguous dim, block along the other): 4096-element tiles on a GPU; on the CPU
     interpreter, which pays per operation rather than per element, tiles as large as 65536."""
@@ -311,9 +316,9 @@ def _muon_pre(grad_stack: torch.Tensor, momentum_buf: torch.Tensor, mu: float, o
     grid = (n_parts, K)
     # scalars go in as Python floats: an int 1 would be specialized into a constant by Triton
     _nesterov_kernel[grid](grad_stack, momentum_buf, rowsq, part, m, n, n_parts, float(1 - mu), float(mu),
-                           BLOCK_R=br, BLOCK_C=bc)
+                           BLOCK_R=br, BLOCK_C=bc, num_warps=_TILE_WARPS)
     _equilibrate_kernel[grid](grad_stack, momentum_buf, rowsq, part, x, m, n, n_parts, float(mu), math.sqrt(m),
-                              BLOCK_R=br, BLOCK_C=bc, BLOCK_P=triton.next_power_of_2(n_parts))
+                              BLOCK_R=br, BLOCK_C=bc, BLOCK_P=triton.next_power_of_2(n_parts), num_warps=_TILE_WARPS)
     return x
 
 
