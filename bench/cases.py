@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from bench.common import load_liger, median_seconds, optional_attr, rel_err
+from tritonchat.bench.common import load_liger, median_seconds, optional_attr, rel_err
 
 
 # ---- Liger-Kernel's nearest ops, adapted to our signatures (None when liger_kernel is not importable) ---------
@@ -173,7 +172,9 @@ def _compiled(module: str, name: str, **kw):
 
 
 def _family(module: str, ref: str, op: str, liger=None, **kw) -> dict:
-    """eager reference, torch.compile(reference), Liger's nearest op (where it has one) and our Triton op."""
+    """eager reference, torch.compile(reference), Liger's nearest op (where it has one) and our Triton op;
+    `module` is named within the package ("kernels.rms_norm")."""
+    module = f"tritonchat.{module}"
     impls = {"eager": _ref(module, ref, **kw), "compile": _compiled(module, ref, **kw),
              "triton": _triton(module, op, **kw)}
     if liger is not None:
@@ -264,7 +265,7 @@ def _paged(b, ctx, h, d, page):
 def _sdpa_gathered(window, ctx: int, compiled: bool):
     """Gather every sequence's pages into a dense cache, then one SDPA call (all sequences have ctx tokens)."""
     def factory(full: bool):
-        ref = optional_attr("kernels.attention", "flash_attention_ref")
+        ref = optional_attr("tritonchat.kernels.attention", "flash_attention_ref")
         if ref is None:
             return None
 
@@ -514,7 +515,7 @@ class KernelBench:
         run ``step`` once, checking its result); returns None."""
         if not self.timing:
             return None
-        from bench.common import sync
+        from tritonchat.bench.common import sync
 
         for _ in range(self._warmup):  # compile, autotune and fill caches outside the timed region
             step()

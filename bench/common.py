@@ -22,7 +22,10 @@ import subprocess
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_HERE = Path(__file__).resolve().parent
+# In a checkout, results are committed under bench/results/; an installed package writes them to ./bench-results
+# (relative: the working directory when a file is written), never into site-packages.
+RESULTS_DIR = _HERE / "results" if (_HERE.parent / "pyproject.toml").is_file() else Path("bench-results")
 
 # ---- the GPT-2 bar (SPEC §12): the reference speedrun's published figures, not measurements of ours ----------
 RECORD_HOURS = 1.65  # nanochat d24, ratio 8, fp8 matmuls, 8xH100, March 2026 leaderboard

@@ -38,12 +38,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tritonchat.bench.common import RESULTS_DIR
+
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
 SLOW_COMPILE_S = 60.0  # a plan that has not finished compiling by then is stopped and counted as a violation
 # An integer argument the plan does not name takes this value: the speedrun shapes' sizes and strides are multiples
 # of 16 (C = 1536, D = 128, T = 2048, N = 32768, V = 32768), which Triton specializes as 16-divisible.
 DEFAULT_INT = 4096
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -76,14 +77,14 @@ def plans(dtype: str = "bf16", picks_only: bool = False, families: tuple[str, ..
     import torch
     import triton
 
-    att = importlib.import_module("kernels.attention")
-    mm = importlib.import_module("kernels.matmul")
-    gr = importlib.import_module("kernels.gram")
-    pa = importlib.import_module("kernels.paged_attention")
-    mu = importlib.import_module("kernels.muon")
-    rms = importlib.import_module("kernels.rms_norm")
-    rope = importlib.import_module("kernels.rope")
-    from kernels._launch import num_warps_for
+    att = importlib.import_module("tritonchat.kernels.attention")
+    mm = importlib.import_module("tritonchat.kernels.matmul")
+    gr = importlib.import_module("tritonchat.kernels.gram")
+    pa = importlib.import_module("tritonchat.kernels.paged_attention")
+    mu = importlib.import_module("tritonchat.kernels.muon")
+    rms = importlib.import_module("tritonchat.kernels.rms_norm")
+    rope = importlib.import_module("tritonchat.kernels.rope")
+    from tritonchat.kernels._launch import num_warps_for
 
     out: list[Plan] = []
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -276,7 +277,7 @@ def compile_plan(plan: Plan, arch: int = 90, timeout: float = SLOW_COMPILE_S) ->
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(plan.module), plan.kernel)
+    fn = getattr(importlib.import_module(f"tritonchat.{plan.module}"), plan.kernel)
     # Specialize as a real launch would: pointers from torch are 16-byte aligned; an int equal to 1 becomes a
     # constexpr, one divisible by 16 gets that hint (what lets Triton vectorize loads and pipeline them).
     sig, consts, attrs = {}, dict(plan.consts), {}
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", action="append", default=[],
                    help="only this op's plans (a Plan.family such as flash_attention; repeatable)")
     p.add_argument("--fail-on-spill", action="store_true", help="count register spills as violations")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown record ('' : none)")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the JSON and markdown record ('' : none)")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: one per core)")
     p.add_argument("--timeout", type=float, default=SLOW_COMPILE_S,
                    help="seconds after which a plan's compile is stopped (a violation)")
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                "not_compiled": sum(1 for r in records if r.get("ok") is None), "spilling": len(spills),
                "violations": bad}
     if args.out:
-        from bench.common import environment
+        from tritonchat.bench.common import environment
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

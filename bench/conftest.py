@@ -22,8 +22,7 @@ if "--benchmark" not in sys.argv[1:]:
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-from bench.cases import BenchState, KernelBench  # noqa: E402
+from tritonchat.bench.cases import BenchState, KernelBench  # noqa: E402
 
 STORAGE = Path(__file__).resolve().parent / "results" / "pytest-benchmark"
 _DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's own default
@@ -73,7 +72,7 @@ class _BenchmarkClock:
         self._request, self._device, self._bench = request, device, None
 
     def __call__(self, step, group):
-        from bench.common import sync
+        from tritonchat.bench.common import sync
 
         bench = self._bench = self._request.getfixturevalue("benchmark")
         bench.group = group
@@ -102,7 +101,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Add the environment record and the ceilings, and complete every case's speedups over all the others."""
-    from bench.common import environment
+    from tritonchat.bench.common import environment
 
     config.stash[_STATE].complete_json(output_json, environment())
 
@@ -117,7 +116,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     if not state.rows:
         return
-    from bench.common import write_result
+    from tritonchat.bench.common import write_result
 
     path = write_result("kernels", state.payload())  # the same result file as `python -m bench.suite` writes
     tr.write_sep("-", "tritonchat: rate, fraction of ceiling, speedup of each implementation over the others")

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.common import Marks, sync, write_result
+from tritonchat.bench.common import Marks, sync, write_result
 
 VARIANTS = ("triton", "torch")
 
@@ -29,7 +29,7 @@ VARIANTS = ("triton", "torch")
 def _engine_api():
     """engine.engine's Engine and SamplingParams, or SystemExit with what is missing."""
     try:
-        from engine import engine as eng
+        from tritonchat.engine import engine as eng
     except ImportError as e:
         raise SystemExit(f"bench.infer: the inference engine (engine/engine.py) cannot be imported: {e}") from None
     missing = [n for n in ("Engine", "SamplingParams") if not hasattr(eng, n)]
@@ -40,8 +40,7 @@ def _engine_api():
 
 def measure(variant: str, args, device) -> dict:
     import torch
-
-    from engine.gpt import GPTConfig, build_model
+    from tritonchat.engine.gpt import GPTConfig, build_model
 
     Engine, SamplingParams = _engine_api()
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import RECORD_CORE, RECORD_HOURS, RECORD_LABEL, RECORD_TOK_S_PER_GPU, load_json
+from tritonchat.bench.common import RECORD_CORE, RECORD_HOURS, RECORD_LABEL, RECORD_TOK_S_PER_GPU, load_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

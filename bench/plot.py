@@ -19,9 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import load_json
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from tritonchat.bench.common import RESULTS_DIR, load_json
 
 
 # ---- data (pure) ---------------------------------------------------------------------------------------------

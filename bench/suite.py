@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, write_result
+from tritonchat.bench.common import RESULTS_DIR, write_result
 
 PARTS = ("check", "kernels", "train", "infer")
 # Estimated GPU seconds per unit (H100-class, the GPU machine's CPUs compiling): a first torch.compile of a case
@@ -83,7 +83,7 @@ class Budget:
 
 # ---- the parts -------------------------------------------------------------------------------------------------
 def part_check(ctx) -> dict:
-    from bench import cases as bc
+    from tritonchat.bench import cases as bc
 
     rows, skipped = [], []
     kb = bc.KernelBench(bc.BenchState(timing=False), device=ctx.device)
@@ -114,7 +114,7 @@ def part_check(ctx) -> dict:
 
 
 def part_kernels(ctx) -> dict:
-    from bench import cases as bc
+    from tritonchat.bench import cases as bc
 
     state = bc.BenchState(timing=True)
     kb = bc.KernelBench(state, device=ctx.device, warmup=0 if ctx.dry_run else 2)
@@ -162,7 +162,7 @@ def part_kernels(ctx) -> dict:
 
 
 def part_train(ctx) -> dict:
-    from bench import train_step
+    from tritonchat.bench import train_step
 
     variants = ["triton", "eager" if ctx.no_compile else "compile"]
     argv = ["--dry-run", "--warmup=0"] if ctx.dry_run else ["--depth=24", "--batch-sizes=16", "--steps=3", "--warmup=2"]
@@ -178,7 +178,7 @@ def part_train(ctx) -> dict:
 
 
 def part_infer(ctx) -> dict:
-    from bench import infer
+    from tritonchat.bench import infer
 
     argv = ["--dry-run"] if ctx.dry_run else ["--batch=32", "--prompt-len=512", "--gen=64"]
     args = infer.parse_args(argv)
@@ -208,7 +208,7 @@ def _free(device) -> None:
 def estimate(report: dict | None, no_compile: bool = False) -> dict[str, float]:
     """Seconds each part would take on a GPU: the kernels' compile times from the compile report (every autotune
     candidate is compiled once, in the check), plus the per-unit costs of COST for the speedrun-shape cases."""
-    from bench import cases as bc
+    from tritonchat.bench import cases as bc
 
     compile_s = sum(float(r.get("seconds") or 0.0) for r in (report or {}).get("records", []))
     units = [(c, m, i) for c in bc.build_cases(True) for m in c.modes for i in c.impls]
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
               "--estimate says how long each part would take on a GPU")
         return 0
     device = torch.device("cpu" if args.dry_run else "cuda")
-    from train.loop import peak_flops
+    from tritonchat.train.loop import peak_flops
 
     peak = peak_flops(device)
     budget = Budget(args.budget)

@@ -14,9 +14,8 @@ import math
 
 import pytest
 import torch
-
-from bench import cases as bc
-from bench.cases import BenchState, KernelBench
+from tritonchat.bench import cases as bc
+from tritonchat.bench.cases import BenchState, KernelBench
 
 
 def _params(full: bool):

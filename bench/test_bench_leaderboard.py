@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from bench import leaderboard as lb
+from tritonchat.bench import leaderboard as lb
 
 PEAK = 989e12
 FPT = 4_775_225_616

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-
-from bench import plot
+from tritonchat.bench import plot
 
 
 def kernel_run(stamp="2026-03-02T10:00:00Z"):

@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
-
-from bench import infer, train_step
-from bench.leaderboard import validate
-from bench.train_step import project, recipe
+from tritonchat.bench import infer, train_step
+from tritonchat.bench.leaderboard import validate
+from tritonchat.bench.train_step import project, recipe
 
 H100_PEAK = 989e12
 

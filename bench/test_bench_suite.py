@@ -5,8 +5,7 @@ import time
 
 import pytest
 import torch
-
-from bench import suite
+from tritonchat.bench import suite
 
 
 def test_dry_run_exercises_every_part_and_writes_each_result(tmp_path, capsys):

@@ -36,7 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import RECORD_GPUS, RECORD_HOURS, RECORD_LABEL, Marks, median, write_result
+from tritonchat.bench.common import RECORD_GPUS, RECORD_HOURS, RECORD_LABEL, Marks, median, write_result
 
 VARIANTS = ("triton", "eager", "compile")
 SPEEDRUN_RATIO = 8.0  # tokens per scaling parameter of the speedrun recipe (SPEC §7)
@@ -59,7 +59,7 @@ class Recipe:
 
 def recipe(depth: int, ratio: float = SPEEDRUN_RATIO, vocab_size: int = 32768, seq_len: int = 2048) -> Recipe:
     """Token horizon, batch, steps and FLOPs of the reference recipe at this depth (no allocation: meta model)."""
-    from train.config import TrainConfig, configs_from_depth
+    from tritonchat.train.config import TrainConfig, configs_from_depth
 
     cfg = TrainConfig(depth=depth, target_param_data_ratio=ratio, device_batch_size=1, max_seq_len=seq_len)
     plan = configs_from_depth(cfg, vocab_size)
@@ -98,9 +98,8 @@ def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: in
     and return medians of the step, forward+backward and optimizer times (seconds), the first loss and the
     peak memory (GiB, CUDA only)."""
     import torch
-
-    from engine.gpt import build_model
-    from train.optim import MuonAdamW, build_param_groups
+    from tritonchat.engine.gpt import build_model
+    from tritonchat.train.optim import MuonAdamW, build_param_groups
 
     torch.manual_seed(seed)
     cuda = device.type == "cuda"
@@ -150,9 +149,8 @@ def measure(variant: str, config, batch: int, accum: int, steps: int, warmup: in
 def run(args) -> tuple[dict, list[str]]:
     """Measure every (variant, micro-batch) and return the result payload and the error lines."""
     import torch
-
-    from engine.gpt import GPTConfig
-    from train.loop import peak_flops
+    from tritonchat.engine.gpt import GPTConfig
+    from tritonchat.train.loop import peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     config = GPTConfig.from_depth(args.depth, sequence_len=args.seq_len, vocab_size=args.vocab_size)

@@ -17,9 +17,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-
-from engine.gpt import GPT, GPTConfig, build_model
-from engine.paths import atomic_write
+from tritonchat.engine.gpt import GPT, GPTConfig, build_model
+from tritonchat.engine.paths import atomic_write
 
 
 class CheckpointError(ValueError):

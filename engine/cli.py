@@ -14,8 +14,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-
-from kernels import resolve_impl
+from tritonchat.kernels import resolve_impl
 
 EXIT_USAGE = 2  # a user mistake, as argparse exits for a bad flag
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-from engine.calculator import calculate
-from engine.gpt import HEAD_DIM
-from engine.kv_cache import OutOfPages, PagedKVCache, SequenceKV
-from kernels import resolve_impl
+from tritonchat.engine.calculator import calculate
+from tritonchat.engine.gpt import HEAD_DIM
+from tritonchat.engine.kv_cache import OutOfPages, PagedKVCache, SequenceKV
+from tritonchat.kernels import resolve_impl
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from tritonchat import kernels
 
 HEAD_DIM = 128
 VE_GATE_CHANNELS = 12  # leading channels of the attention input that drive the value-embedding gate

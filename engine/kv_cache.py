@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from kernels import paged_attention, paged_kv_append, resolve_impl
+from tritonchat.kernels import paged_attention, paged_kv_append, resolve_impl
 
 
 class OutOfPages(RuntimeError):

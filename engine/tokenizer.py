@@ -21,8 +21,7 @@ from typing import Any
 
 import tiktoken
 import torch
-
-from engine.paths import atomic_write
+from tritonchat.engine.paths import atomic_write
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -370,7 +369,7 @@ def load_token_bytes(path: str | os.PathLike, device: str | torch.device = "cpu"
 def get_tokenizer(base_dir: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer saved in `<base_dir>/tokenizer/` (base_dir defaults to engine.paths.get_base_dir())."""
     if base_dir is None:
-        from engine.paths import get_base_dir
+        from tritonchat.engine.paths import get_base_dir
 
         base_dir = get_base_dir()
     return Tokenizer.from_directory(os.path.join(os.fspath(base_dir), "tokenizer"))

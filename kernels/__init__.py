@@ -1,13 +1,13 @@
 """Fused ops, one file each: a public function (Triton on CUDA when a kernel exists) and its ``*_ref``."""
 
-from kernels._dispatch import IMPLS, resolve_impl
-from kernels._launch import tuned_configs
-from kernels.attention import flash_attention, flash_attention_ref
-from kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
-from kernels.gram import gram, gram_ref, sym_update, sym_update_ref
-from kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
-from kernels.mlp import relu2_mlp, relu2_mlp_ref
-from kernels.muon import (
+from tritonchat.kernels._dispatch import IMPLS, resolve_impl
+from tritonchat.kernels._launch import tuned_configs
+from tritonchat.kernels.attention import flash_attention, flash_attention_ref
+from tritonchat.kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
+from tritonchat.kernels.gram import gram, gram_ref, sym_update, sym_update_ref
+from tritonchat.kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
+from tritonchat.kernels.mlp import relu2_mlp, relu2_mlp_ref
+from tritonchat.kernels.muon import (
     adamw_step_,
     adamw_step_ref,
     muon_post,
@@ -17,10 +17,15 @@ from kernels.muon import (
     muon_step_,
     muon_step_ref,
 )
-from kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append, paged_kv_append_ref
-from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
-from kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
+from tritonchat.kernels.paged_attention import (
+    paged_attention,
+    paged_attention_ref,
+    paged_kv_append,
+    paged_kv_append_ref,
+)
+from tritonchat.kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
+from tritonchat.kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref, rms_norm, rms_norm_ref
+from tritonchat.kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 
 __all__ = [
     "IMPLS",

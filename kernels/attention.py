@@ -20,10 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 import triton
-
-from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
-from kernels._launch import autotune, capability_major, dot_meta, last_dim_contiguous
-from kernels.flash_attention_kernels import (
+from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._launch import autotune, capability_major, dot_meta, last_dim_contiguous
+from tritonchat.kernels.flash_attention_kernels import (
     attn_bwd_delta_kernel,
     attn_bwd_dkdv_kernel,
     attn_bwd_dq_kernel,

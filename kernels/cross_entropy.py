@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
-from kernels._launch import as_rows, num_warps_for
+from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._launch import as_rows, num_warps_for
 
 __all__ = ["softcap_cross_entropy", "softcap_cross_entropy_ref"]
 REDUCTIONS = ("mean", "sum", "none")

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_number, check_tensor, dtype_error, use_kernel
-from kernels._launch import dot_meta
+from tritonchat.kernels._dispatch import check_number, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._launch import dot_meta
 
 __all__ = ["gram", "gram_ref", "sym_update", "sym_update_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
-from kernels.cross_entropy import (
+from tritonchat.kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels.cross_entropy import (
     ce_rows,
     check_ce_args,
     check_target_values,

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from kernels._launch import autotune, capability_major, dot_meta, sm_count
+from tritonchat.kernels._launch import autotune, capability_major, dot_meta, sm_count
 
 __all__ = ["gemm", "gemm_ref", "GEMM_CONFIGS"]
 EPILOGUES = {"none": 0, "relu2": 1, "relu2_grad": 2}

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
-from kernels.matmul import GEMM_CONFIGS, gemm
+from tritonchat.kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels.matmul import GEMM_CONFIGS, gemm
 
 __all__ = ["relu2_mlp", "relu2_mlp_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # other dtypes run the reference under "auto"

@@ -29,9 +29,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
-from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
+from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
+from tritonchat.kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 
 __all__ = [
     "adamw_step_",

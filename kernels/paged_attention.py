@@ -29,10 +29,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
-from kernels._launch import capability_major, dot_meta, last_dim_contiguous, sm_count
-from kernels.attention import flash_attention_ref
+from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
+from tritonchat.kernels._launch import capability_major, dot_meta, last_dim_contiguous, sm_count
+from tritonchat.kernels.attention import flash_attention_ref
 
 __all__ = ["paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
 _NO_WINDOW = 1 << 30  # a window wider than any context

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_tensor, use_kernel
-from kernels.gram import no_kernel_reason, syrk
+from tritonchat.kernels._dispatch import check_tensor, use_kernel
+from tritonchat.kernels.gram import no_kernel_reason, syrk
 
 __all__ = ["POLAR_EXPRESS_COEFFS", "polar_express", "polar_express_ref"]
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_eps, check_same_device, check_tensor, dtype_error, use_kernel
-from kernels._launch import as_rows, num_warps_for
+from tritonchat.kernels._dispatch import check_eps, check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._launch import as_rows, num_warps_for
 
 __all__ = ["mix_rms_norm", "mix_rms_norm_ref", "rms_norm", "rms_norm_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels do float32 math

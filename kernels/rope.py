@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
-from kernels._launch import last_dim_contiguous, num_warps_for
-from kernels.rms_norm import rms_norm_ref
+from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._launch import last_dim_contiguous, num_warps_for
+from tritonchat.kernels.rms_norm import rms_norm_ref
 
 __all__ = ["apply_rope", "apply_rope_ref", "rope_qk_norm", "rope_qk_norm_ref"]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels do float32 math

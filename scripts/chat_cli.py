@@ -18,7 +18,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from engine.checkpoint import (
+from tritonchat.engine.checkpoint import (
     config_from_meta,
     find_last_step,
     find_latest_checkpoint,
@@ -27,10 +27,10 @@ from engine.checkpoint import (
     meta_path,
     model_path,
 )
-from engine.cli import HelpFormatter, UsageError, check_impl, resolve_device, run_main
-from engine.engine import Engine, SamplingParams
-from engine.paths import get_base_dir
-from engine.tokenizer import Tokenizer
+from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, resolve_device, run_main
+from tritonchat.engine.engine import Engine, SamplingParams
+from tritonchat.engine.paths import get_base_dir
+from tritonchat.engine.tokenizer import Tokenizer
 
 PROG = "python -m scripts.chat_cli"
 # How tool-use tokens are shown; the other special tokens are not printed.

@@ -17,10 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.cli import HelpFormatter, UsageError, run_main
-from engine.paths import get_base_dir
-from engine.tokenizer import SPECIAL_TOKENS, Tokenizer
-from train import data
+from tritonchat.engine.cli import HelpFormatter, UsageError, run_main
+from tritonchat.engine.paths import get_base_dir
+from tritonchat.engine.tokenizer import SPECIAL_TOKENS, Tokenizer
+from tritonchat.train import data
 
 PROG = "python -m scripts.tok_train"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)

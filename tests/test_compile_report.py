@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from bench import compile_report
+from tritonchat.bench import compile_report
 
 
 def test_bf16_speedrun_configs_compile_clean_for_sm90(tmp_path):
@@ -48,8 +47,7 @@ def test_ampere_leaves_out_the_tma_plans_and_keeps_the_rest():
 
 def test_the_hopper_only_attention_tiles_leave_the_ampere_space():
     import torch
-
-    from kernels import attention as att
+    from tritonchat.kernels import attention as att
 
     for kind in ("fwd", "dq", "dkdv"):
         hopper, ampere = att.autotune_space(kind, torch.bfloat16, 9), att.autotune_space(kind, torch.bfloat16, 8)
@@ -61,9 +59,8 @@ def test_the_hopper_only_attention_tiles_leave_the_ampere_space():
 
 def test_the_fp32_spaces_follow_the_architecture():
     import torch
-
-    from kernels import matmul as mm
-    from kernels.paged_attention import decode_tiles
+    from tritonchat.kernels import matmul as mm
+    from tritonchat.kernels.paged_attention import decode_tiles
 
     assert set(mm.tune_configs(torch.float32, 8)) < set(mm.tune_configs(torch.float32, 9))
     assert mm.tune_configs(torch.bfloat16, 8) == mm.tune_configs(torch.bfloat16, 9)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
-from train.config import parse_args
-from train.dist import destroy_distributed, env_dist_info
-from train.loop import train
+from tritonchat.train.config import parse_args
+from tritonchat.train.dist import destroy_distributed, env_dist_info
+from tritonchat.train.loop import train
 
 
 def _fail_at(rank: int) -> int | None:

@@ -12,8 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-
-from engine.gpt import GPT, GPTConfig
+from tritonchat.engine.gpt import GPT, GPTConfig
 
 B_REF = 2**19  # the reference batch (tokens) of the depth-12 model the scaling laws are anchored to
 REF_DEPTH = 12

@@ -38,8 +38,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
-from train.corpus import build_default_corpus, ensure_default_corpus
+from tritonchat.train.corpus import build_default_corpus, ensure_default_corpus
 
 __all__ = ["build_default_corpus", "ensure_default_corpus", "list_data_files", "split_files", "iter_documents",
            "PackedLoader", "num_units", "estimate_tokens"]

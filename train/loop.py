@@ -17,18 +17,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
-from engine.engine import Engine, SamplingParams
-from engine.gpt import GPT, build_model
-from engine.paths import get_base_dir
-from engine.tokenizer import Tokenizer
-from train import data
-from train.config import TrainConfig, TrainPlan, configs_from_depth, lr_multiplier, muon_momentum, muon_weight_decay
-from train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
-from train.optim import MuonAdamW, build_param_groups
-from train.progress import Heartbeat, InterruptGuard, format_duration
-from train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: part of this module's interface)
+from tritonchat.engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
+from tritonchat.engine.engine import Engine, SamplingParams
+from tritonchat.engine.gpt import GPT, build_model
+from tritonchat.engine.paths import get_base_dir
+from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.train import data
+from tritonchat.train.config import (
+    TrainConfig,
+    TrainPlan,
+    configs_from_depth,
+    lr_multiplier,
+    muon_momentum,
+    muon_weight_decay,
+)
+from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from tritonchat.train.optim import MuonAdamW, build_param_groups
+from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
+from tritonchat.train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: part of this module's interface)
     check_impl,
     cpu_contention,
     epochs_warning,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import kernels
+from tritonchat import kernels
 
 
 class MuonAdamW(torch.optim.Optimizer):

@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 
 import torch
-
-from engine.tokenizer import Tokenizer, load_token_bytes
-from kernels import resolve_impl
+from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
+from tritonchat.kernels import resolve_impl
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 MAX_EPOCHS = 4  # passes over the training data beyond which a warning is printed

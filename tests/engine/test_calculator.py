@@ -3,8 +3,7 @@
 import time
 
 import pytest
-
-from engine.calculator import ERROR, MAX_EXPR_CHARS, calculate
+from tritonchat.engine.calculator import ERROR, MAX_EXPR_CHARS, calculate
 
 
 @pytest.mark.parametrize("expr,want", [

@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 import torch
-
-from engine.checkpoint import save_checkpoint
-from engine.engine import SamplingParams
-from engine.gpt import GPTConfig, build_model
-from engine.tokenizer import Tokenizer
-from scripts import chat_cli
+from tritonchat.engine.checkpoint import save_checkpoint
+from tritonchat.engine.engine import SamplingParams
+from tritonchat.engine.gpt import GPTConfig, build_model
+from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.scripts import chat_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import os
 
 import pytest
 import torch
-
-from engine.checkpoint import (
+from tritonchat.engine.checkpoint import (
     CheckpointError,
     find_last_step,
     find_latest_checkpoint,
@@ -17,7 +16,8 @@ from engine.checkpoint import (
     model_path,
     save_checkpoint,
 )
-from engine.gpt import GPTConfig, build_model
+from tritonchat.engine.gpt import GPTConfig, build_model
+
 from tests.tolerances import EXACT
 
 

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+from tritonchat.engine.engine import Engine, SamplingParams, sample_from_logits
+from tritonchat.engine.gpt import GPTConfig, build_model
+from tritonchat.engine.kv_cache import OutOfPages, PageAllocator
+from tritonchat.engine.tokenizer import Tokenizer
 
-from engine.engine import Engine, SamplingParams, sample_from_logits
-from engine.gpt import GPTConfig, build_model
-from engine.kv_cache import OutOfPages, PageAllocator
-from engine.tokenizer import Tokenizer
 from tests.tolerances import tol
 
 
@@ -257,7 +257,7 @@ def test_tool_use_forces_calculator_output(tok, expr, result):
     sp = tok.encode_special
     prompt = [tok.get_bos_token_id(), sp("<|user_start|>"), *tok.encode("what is it"), sp("<|user_end|>"),
               sp("<|assistant_start|>")]
-    from engine.calculator import calculate
+    from tritonchat.engine.calculator import calculate
 
     answer = calculate(expr)
     assert (answer == result) if result else answer.startswith("error")
@@ -292,7 +292,7 @@ def test_streaming_text_is_utf8_safe(tok):
 
 
 def test_paged_batch_indexing():
-    from engine.kv_cache import PagedKVCache, SequenceKV
+    from tritonchat.engine.kv_cache import PagedKVCache, SequenceKV
 
     cache = PagedKVCache(n_layer=1, num_pages=6, page_size=4, n_kv_head=1, head_dim=16)
     a, b = SequenceKV(), SequenceKV()
@@ -325,7 +325,7 @@ def test_paged_batch_indexing():
 @torch.no_grad()
 def test_cached_forward_logits_match_full_forward(model):
     # Two sequences fed in uneven chunks through the cache give the plain forward's logits at every position.
-    from engine.kv_cache import PagedKVCache, SequenceKV
+    from tritonchat.engine.kv_cache import PagedKVCache, SequenceKV
 
     seqs = [list(range(3, 43)), [9, 8, 7, 6, 5, 4, 3]]  # 40 tokens passes the 32-token window
     cache = PagedKVCache(2, 20, 4, 1, 128, impl="torch")

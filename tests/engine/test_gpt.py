@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from tritonchat.engine.gpt import GPT, GPTConfig, build_model, window_sizes
 
-from engine.gpt import GPT, GPTConfig, build_model, window_sizes
 from tests.tolerances import tol
 
 
@@ -126,7 +126,7 @@ def test_causality():
 
 
 def test_overfits_one_batch():
-    from train.optim import MuonAdamW, build_param_groups
+    from tritonchat.train.optim import MuonAdamW, build_param_groups
 
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(2, vocab_size=128, sequence_len=32))

@@ -5,10 +5,9 @@ import stat
 
 import pytest
 import torch
-
-from engine.checkpoint import model_path, save_checkpoint
-from engine.paths import atomic_write, get_base_dir
-from engine.tokenizer import Tokenizer
+from tritonchat.engine.checkpoint import model_path, save_checkpoint
+from tritonchat.engine.paths import atomic_write, get_base_dir
+from tritonchat.engine.tokenizer import Tokenizer
 
 
 def test_base_dir_rule(tmp_path, monkeypatch):

@@ -9,15 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import regex
 import torch
-
-from engine.tokenizer import (
+from tritonchat.engine.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     Tokenizer,
     get_tokenizer,
     load_token_bytes,
 )
-from scripts import tok_train
+from tritonchat.scripts import tok_train
 
 VOCAB = 400
 

@@ -14,9 +14,9 @@ import os
 
 import pytest
 import torch
+import tritonchat.kernels.attention as attention
+from tritonchat.kernels import flash_attention, flash_attention_ref
 
-import kernels.attention as attention
-from kernels import flash_attention, flash_attention_ref
 from tests.helpers import rand
 from tests.tolerances import tol
 
@@ -265,8 +265,7 @@ def test_kernel_autotuned_path(monkeypatch):
     # time kernels, so there the tuner is handed a constant timer: each config is still launched and checked
     # against the first one, and the first one is kept.
     import triton.testing
-
-    from kernels import _launch
+    from tritonchat.kernels import _launch
 
     b, t, h, hkv, d = 1, 20, 2, 1, 16
     launched = []
@@ -334,9 +333,10 @@ def test_tiny_model_trains_like_reference(monkeypatch):
     # resolves "auto" to the kernel here, against impl="torch". Every other op is held on its reference so the
     # comparison isolates attention (each op's kernel has its own tests). Step 0 has c_proj = 0, so the
     # attention backward first matters at step 1: its gradients are compared, and every step's loss.
-    import kernels
-    from engine.gpt import GPTConfig, build_model
-    from train.optim import MuonAdamW, build_param_groups
+    from tritonchat.engine.gpt import GPTConfig, build_model
+    from tritonchat.train.optim import MuonAdamW, build_param_groups
+
+    from tritonchat import kernels
 
     for name in kernels.__all__:
         op = getattr(kernels, name)

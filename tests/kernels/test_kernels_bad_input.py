@@ -72,9 +72,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tritonchat.kernels.matmul import gemm
 
-import kernels
-from kernels.matmul import gemm
+from tritonchat import kernels
 
 KERNELS_DIR = os.path.dirname(os.path.abspath(kernels.__file__)) + os.sep
 IMPLS = ("torch", "triton")

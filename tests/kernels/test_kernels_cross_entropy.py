@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+import tritonchat.kernels.linear_cross_entropy as lce
+from tritonchat.kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
+from tritonchat.kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
 
-import kernels.linear_cross_entropy as lce
-from kernels.cross_entropy import softcap_cross_entropy, softcap_cross_entropy_ref
-from kernels.linear_cross_entropy import linear_softcap_cross_entropy, linear_softcap_cross_entropy_ref
 from tests.helpers import LargestTensor, rand
 from tests.tolerances import EXACT, tol
 
@@ -419,8 +419,8 @@ def test_tiny_model_trains_like_reference(monkeypatch):
     first, sign-like step turns fp32 rounding noise into +-lr moves (the torch reference against itself in
     float64 already differs by 2e-4 at step 2 with them on). Every other group trains as configured.
     """
-    from engine.gpt import GPTConfig, build_model
-    from train.optim import MuonAdamW, build_param_groups
+    from tritonchat.engine.gpt import GPTConfig, build_model
+    from tritonchat.train.optim import MuonAdamW, build_param_groups
 
     fused_calls = []
     fused = lce._chunked

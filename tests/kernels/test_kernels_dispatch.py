@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tritonchat.kernels import resolve_impl
+from tritonchat.kernels._dispatch import use_kernel
 
-import kernels
-from kernels import resolve_impl
-from kernels._dispatch import use_kernel
 from tests.helpers import rand32
 from tests.tolerances import EXACT, tol
+from tritonchat import kernels
 
 
 def test_resolve_names_pass_through(monkeypatch):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tritonchat.kernels.gram import gram, gram_ref, sym_update, sym_update_ref, syrk
+from tritonchat.kernels.polar_express import POLAR_EXPRESS_COEFFS
 
-from kernels.gram import gram, gram_ref, sym_update, sym_update_ref, syrk
-from kernels.polar_express import POLAR_EXPRESS_COEFFS
 from tests.helpers import rand32, rel_err
 from tests.tolerances import normwise, tol
 

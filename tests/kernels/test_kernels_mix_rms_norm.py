@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from tritonchat.kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref
 
-from kernels.rms_norm import mix_rms_norm, mix_rms_norm_ref
 from tests.helpers import F32_EPS, rand
 from tests.tolerances import tol
 

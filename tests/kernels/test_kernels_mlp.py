@@ -7,9 +7,9 @@ wrong, so the kernels up-cast bf16 operands off CUDA, and its fp32 -> bf16 cast 
 
 import pytest
 import torch
+from tritonchat.kernels.matmul import GEMM_CONFIGS, INTERPRETER_CONFIG, gemm, gemm_ref
+from tritonchat.kernels.mlp import relu2_mlp, relu2_mlp_ref
 
-from kernels.matmul import GEMM_CONFIGS, INTERPRETER_CONFIG, gemm, gemm_ref
-from kernels.mlp import relu2_mlp, relu2_mlp_ref
 from tests.helpers import rand
 from tests.tolerances import tol
 
@@ -126,8 +126,7 @@ def test_gemm_empty_shapes():
 def test_gemm_tuner_skips_failing_and_wrong_configs(monkeypatch):
     """The tuner's choice, with a fake clock: a config that raises and one that is fast but wrong both lose."""
     import triton.testing
-
-    from kernels import _launch
+    from tritonchat.kernels import _launch
 
     fake_ms = {"ok_slow": 3.0, "raises": 0.5, "wrong_fast": 1.0, "ok_fast": 2.0}
     out = torch.empty(4, 4)

@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-
-from kernels.muon import (
+from tritonchat.kernels.muon import (
     adamw_step_,
     adamw_step_ref,
     muon_post,
@@ -20,9 +19,10 @@ from kernels.muon import (
     muon_step_,
     muon_step_ref,
 )
+from tritonchat.train.optim import MuonAdamW
+
 from tests.helpers import rand32
 from tests.tolerances import tol
-from train.optim import MuonAdamW
 
 F32, BF16 = torch.float32, torch.bfloat16
 C = 128

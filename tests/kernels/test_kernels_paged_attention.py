@@ -7,9 +7,9 @@ positions of each sequence), to tol("attention_kernel") (the interpreter's fp32 
 
 import pytest
 import torch
+from tritonchat.kernels.attention import flash_attention_ref
+from tritonchat.kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append
 
-from kernels.attention import flash_attention_ref
-from kernels.paged_attention import paged_attention, paged_attention_ref, paged_kv_append
 from tests.tolerances import tol
 
 TOL = tol("attention_kernel", torch.float32)  # the kernel, fp32, against dense float64 attention

@@ -5,8 +5,8 @@ tests below that do not name an impl check the kernels too; fp64 inputs always t
 
 import pytest
 import torch
+from tritonchat.kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 
-from kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 from tests.helpers import rand, rel_err
 from tests.tolerances import normwise, tol
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tritonchat.kernels import rms_norm, rms_norm_ref
 
-from kernels import rms_norm, rms_norm_ref
 from tests.helpers import F32_EPS, rand
 from tests.tolerances import EXACT, tol
 
@@ -58,7 +58,7 @@ def test_rms_norm_bad_inputs():
 
 # ---- the Triton kernel (interpreter on CPU, compiled on CUDA), float32 against the float64 formula ----------------
 
-from kernels.rms_norm import rms_norm as rms_norm_kernel_op  # noqa: E402  (same function, imported from its module)
+from tritonchat.kernels.rms_norm import rms_norm as rms_norm_kernel_op  # noqa: E402  (same function, imported from its module)
 
 KERNEL_SHAPES = [(1, 384), (7, 781), (33, 1536), (65, 2048), (1823, 64), (2, 3, 1000)]
 

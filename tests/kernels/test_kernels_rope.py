@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from tritonchat.kernels import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 
-from kernels import apply_rope, apply_rope_ref, rope_qk_norm, rope_qk_norm_ref
 from tests.helpers import F32_EPS, rand
 from tests.tolerances import EXACT, tol
 
@@ -127,8 +127,8 @@ def test_rope_bad_inputs():
 
 # ---- the Triton kernels (interpreter on CPU, compiled on CUDA), float32 against the float64 formula ---------------
 
-from kernels.rope import apply_rope as apply_rope_op  # noqa: E402  (same functions, imported from their module)
-from kernels.rope import rope_qk_norm as rope_qk_norm_op  # noqa: E402
+from tritonchat.kernels.rope import apply_rope as apply_rope_op  # noqa: E402  (same functions, imported from their module)
+from tritonchat.kernels.rope import rope_qk_norm as rope_qk_norm_op  # noqa: E402
 
 # (B, T, H, Hkv, D, position offset of the first token)
 KERNEL_CASES = [

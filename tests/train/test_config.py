@@ -1,8 +1,7 @@
 """The one dial: the depth-24 speedrun numbers of SPEC §7/§12, schedules, and flag validation."""
 
 import pytest
-
-from train.config import (
+from tritonchat.train.config import (
     TrainConfig,
     configs_from_depth,
     lr_multiplier,

@@ -17,8 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from train import corpus, data
+from tritonchat.train import corpus, data
 
 BOS = 256
 

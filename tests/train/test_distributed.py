@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tritonchat.engine.gpt import build_model
+from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.train import data
+from tritonchat.train.config import TrainConfig, configs_from_depth
+from tritonchat.train.loop import set_schedules
+from tritonchat.train.optim import MuonAdamW, build_param_groups
 
-from engine.gpt import build_model
-from engine.tokenizer import Tokenizer
 from tests.tolerances import tol
-from train import data
-from train.config import TrainConfig, configs_from_depth
-from train.loop import set_schedules
-from train.optim import MuonAdamW, build_param_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "ranks share the batch and each one owns half of the optimizer state for its matrices".split()
@@ -123,7 +123,7 @@ def test_failure_then_exact_resume(workspace, full_run, tmp_path):
 
 
 def test_resume_with_other_world_size_is_rejected(workspace, full_run, capsys):
-    from train.__main__ import main
+    from tritonchat.train.__main__ import main
 
     run_dir, _ = full_run
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]

@@ -6,11 +6,10 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from engine.tokenizer import Tokenizer
-from train.__main__ import main as train_main
-from train.config import TrainConfig
-from train.loop import train
+from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.train.__main__ import main as train_main
+from tritonchat.train.config import TrainConfig
+from tritonchat.train.loop import train
 
 WORDS = "the model reads tokens and predicts the next one with attention over a window of previous text".split()
 
@@ -85,8 +84,7 @@ def test_bits_per_byte_by_hand():
     import math
 
     import torch
-
-    from train.loop import evaluate_bpb
+    from tritonchat.train.loop import evaluate_bpb
 
     class Fixed(torch.nn.Module):
         def forward(self, x, y, loss_reduction="mean"):
@@ -133,7 +131,7 @@ def test_fail_at_is_a_parameter(workspace, tmp_path):
 def test_interrupt_saves_the_last_whole_step_and_resumes_exactly(workspace, tmp_path, monkeypatch):
     """Ctrl-C (a KeyboardInterrupt) in the forward of step 4 (0-based 4): the checkpoint of step 4 is written
     (the loader as it was after step 4), and resuming from it reproduces the uninterrupted run."""
-    import train.loop as loop
+    import tritonchat.train.loop as loop
 
     full = train(config(workspace, tmp_path / "full", save_every=-1))
     calls, step = [], loop.train_step
@@ -158,7 +156,7 @@ def test_ctrl_c_inside_the_optimizer_step_waits_for_its_end():
     import os
     import signal
 
-    from train.progress import InterruptGuard
+    from tritonchat.train.progress import InterruptGuard
 
     with InterruptGuard() as guard:
         with guard.deferred():
@@ -169,7 +167,7 @@ def test_ctrl_c_inside_the_optimizer_step_waits_for_its_end():
 
 
 def test_main_reports_interrupt_in_one_line(workspace, tmp_path, monkeypatch, capsys):
-    import train.loop as loop
+    import tritonchat.train.loop as loop
 
     def ctrl_c(*a, **kw):
         raise KeyboardInterrupt
@@ -201,7 +199,7 @@ def test_user_mistakes_are_one_line_exit_2(workspace, tmp_path, monkeypatch, cap
 def test_cpu_contention_warning(monkeypatch):
     import os
 
-    from train.loop import cpu_contention
+    from tritonchat.train.loop import cpu_contention
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
@@ -213,8 +211,8 @@ def test_cpu_contention_warning(monkeypatch):
 
 
 def test_epochs_warning_and_token_estimate(workspace):
-    from train import data
-    from train.loop import epochs_warning
+    from tritonchat.train import data
+    from tritonchat.train.loop import epochs_warning
 
     tok = Tokenizer.from_directory(workspace / "tokenizer")
     files = data.split_files(data.list_data_files(workspace / "data"), "train")
@@ -229,7 +227,7 @@ def test_epochs_warning_and_token_estimate(workspace):
 def test_heartbeat_prints_while_silent():
     import time
 
-    from train.progress import Heartbeat
+    from tritonchat.train.progress import Heartbeat
 
     lines = []
     with Heartbeat(lines.append, every=0.05) as hb:
@@ -248,12 +246,12 @@ def test_evaluation_never_holds_full_logits(workspace, monkeypatch):
     """The validation forward goes through the chunked lm_head + cross-entropy: with N = 512 tokens per batch
     and 256-row chunks, no (.., V) tensor holds more than one chunk of logits."""
     import torch
+    import tritonchat.kernels.linear_cross_entropy as lce
+    from tritonchat.engine.gpt import GPTConfig, build_model
+    from tritonchat.train import data
+    from tritonchat.train.loop import evaluate_bpb
 
-    import kernels.linear_cross_entropy as lce
-    from engine.gpt import GPTConfig, build_model
     from tests.helpers import LargestTensor
-    from train import data
-    from train.loop import evaluate_bpb
 
     monkeypatch.setattr(lce, "_REF_CHUNK_LOGITS", 1)  # the minimum chunk, 256 rows
     tok = Tokenizer.from_directory(workspace / "tokenizer")

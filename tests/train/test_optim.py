@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from tritonchat.engine.gpt import GPTConfig, build_model
+from tritonchat.train.optim import MuonAdamW, build_param_groups
 
-from engine.gpt import GPTConfig, build_model
 from tests.tolerances import tol
-from train.optim import MuonAdamW, build_param_groups
 
 F32 = torch.float32
 
