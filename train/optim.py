@@ -23,6 +23,7 @@ class MuonAdamW(torch.optim.Optimizer):
     overlaps the compute of earlier groups. Gradients are averaged over ranks."""
 
     SHARD_MIN_NUMEL = 4096  # smaller AdamW tensors are all-reduced and updated whole on every rank
+    CPU_STACK_NUMEL = 1 << 24  # elements of one Muon stack on a CPU (single process): 64 MB per fp32 copy
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
                  rank: int = 0, world_size: int = 1) -> None:
@@ -71,10 +72,19 @@ class MuonAdamW(torch.optim.Optimizer):
                             self._adamw(p, p.grad, group)
                 else:
                     params = [p for p in group["params"] if p.grad is not None]
-                    if params:
-                        self._muon(params, torch.stack([p.grad.float() for p in params]), group)
+                    for part in self._stack_parts(params):  # each matrix's update is its own: parts are exact
+                        self._muon(part, torch.stack([p.grad.float() for p in part]), group)
             return
         self._step_distributed()
+
+    def _stack_parts(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """`params` in consecutive parts of at most CPU_STACK_NUMEL elements on a CPU (where the stacked copies of
+        gradient, momentum and weights, and Polar Express's temporaries, would otherwise cost several times the
+        group's size: 2 GB at depth 12), whole on a GPU (one batched launch per group)."""
+        if not params or params[0].device.type == "cuda":
+            return [params] if params else []
+        per = max(1, self.CPU_STACK_NUMEL // params[0].numel())
+        return [params[i:i + per] for i in range(0, len(params), per)]
 
     def _step_distributed(self) -> None:
         W = self.world_size

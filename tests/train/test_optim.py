@@ -116,3 +116,24 @@ def test_bad_groups():
         MuonAdamW([dict(kind="muon", params=[p, q], lr=0.1)])
     with pytest.raises(ValueError, match="kind"):
         MuonAdamW([dict(params=[p], lr=0.1)])
+
+
+def test_muon_stack_parts_on_cpu_change_nothing(monkeypatch):
+    """On a CPU a Muon group is updated in parts of at most CPU_STACK_NUMEL elements (bounded memory); every
+    matrix's update is its own, so one matrix per part gives what the whole stack gives, over several steps."""
+    torch.manual_seed(0)
+    P0 = [torch.randn(24, 16) for _ in range(5)]
+    grads = [[torch.randn(24, 16) for _ in range(5)] for _ in range(3)]
+    out = []
+    for numel in (1 << 30, 1):
+        monkeypatch.setattr(MuonAdamW, "CPU_STACK_NUMEL", numel)
+        params = [torch.nn.Parameter(p.clone()) for p in P0]
+        opt = MuonAdamW([dict(kind="muon", params=params, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.1,
+                              ns_steps=5)])
+        assert len(opt._stack_parts(params)) == (1 if numel > 1 else 5)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        out.append(torch.stack([p.detach() for p in params]))
+    torch.testing.assert_close(out[1], out[0], **tol("optimizer_normalized", F32))
