@@ -287,7 +287,11 @@ def _summary(results: dict[str, dict]) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n")[0],
+    # Nothing that imports the kernels before main() has chosen the interpreter (--dry-run): Triton decides when
+    # a kernel module is imported whether its kernels are interpreted.
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = script if script.startswith("tritonchat-") else "python -m bench.suite"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run, stop included")
     p.add_argument("--parts", default=",".join(PARTS),

@@ -34,6 +34,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def command_name(module: str) -> str:
+    """How the user called the command named by `module` ("train", "scripts.chat_cli"): its console script
+    (`tritonchat-...`) when that is what runs, else its `python -m` form in a checkout (`python -m train`) or an
+    installed package (`python -m tritonchat.train`). For usage lines and messages."""
+    import os
+    from pathlib import Path
+
+    import tritonchat
+
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if script.startswith("tritonchat-"):
+        return script
+    installed = (Path(tritonchat.__file__).parent / "kernels").is_dir()
+    return f"python -m {'tritonchat.' if installed else ''}{module}"
+
+
 def one_line(e: BaseException) -> str:
     """The exception's message on one line (the lines of a multi-line message joined with '; ')."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]

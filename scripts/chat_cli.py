@@ -27,12 +27,12 @@ from tritonchat.engine.checkpoint import (
     meta_path,
     model_path,
 )
-from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, resolve_device, run_main
+from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
 from tritonchat.engine.engine import Engine, SamplingParams
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
 
-PROG = "python -m scripts.chat_cli"
+PROG = command_name("scripts.chat_cli")
 # How tool-use tokens are shown; the other special tokens are not printed.
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tritonchat.engine.cli import HelpFormatter, UsageError, run_main
+from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import SPECIAL_TOKENS, Tokenizer
 from tritonchat.train import data
 
-PROG = "python -m scripts.tok_train"
+PROG = command_name("scripts.tok_train")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from tritonchat.engine.cli import command_name
 from tritonchat.engine.gpt import GPT, GPTConfig
 
 B_REF = 2**19  # the reference batch (tokens) of the depth-12 model the scaling laws are anchored to
@@ -275,7 +276,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog="python -m train", description="Pretrain a GPT; depth sets everything.",
+    p = _ArgumentParser(prog=command_name("train"), description="Pretrain a GPT; depth sets everything.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
