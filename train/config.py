@@ -215,12 +215,15 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ra
 def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
     """Muon's momentum (SPEC §7): 0.85 -> 0.97 over the first 400 steps (the warm-up wins, even inside the
     warmdown of a short run); then 0.97, and across the warmdown from 0.97 down to 0.90."""
+    # The same arithmetic as the reference's, operation for operation, so the values are equal bit for bit.
     warmdown_steps = round(warmdown_ratio * num_iterations)
     warmdown_start = num_iterations - warmdown_steps
     if step < 400:
-        return 0.85 + (0.97 - 0.85) * step / 400
+        frac = step / 400
+        return (1 - frac) * 0.85 + frac * 0.97
     if step >= warmdown_start and warmdown_steps > 0:
-        return 0.97 + (0.90 - 0.97) * (step - warmdown_start) / warmdown_steps
+        progress = (step - warmdown_start) / warmdown_steps
+        return 0.97 * (1 - progress) + 0.90 * progress
     return 0.97
 
 

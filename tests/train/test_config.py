@@ -112,3 +112,25 @@ def test_help_shows_defaults_and_errors_are_one_line(capsys):
             parse_args(bad)
         err = capsys.readouterr().err
         assert e.value.code == 2 and flag in err and err.count("\n") == 1, err
+
+
+def _reference_momentum(it: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """The reference trainer's Muon momentum rule, restated: warm-up over the first 400 steps from 0.85 to 0.97
+    (taking precedence), then across the warmdown from 0.97 to 0.90, else 0.97."""
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_iters
+    if it < 400:
+        frac = it / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if it >= warmdown_start:
+        progress = (it - warmdown_start) / warmdown_iters
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+@pytest.mark.parametrize("steps", [50, 500, 5000])
+@pytest.mark.parametrize("ratio", [0.65, 0.4])
+def test_momentum_equals_the_reference_at_every_step(steps, ratio):
+    got = [muon_momentum(s, steps, ratio) for s in range(steps + 1)]
+    want = [_reference_momentum(s, steps, ratio) for s in range(steps + 1)]
+    assert got == want  # exactly, not approximately
