@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tritonchat.engine.checkpoint import load_checkpoint, patch_state_dict, save_checkpoint
+from tritonchat.engine.checkpoint import config_from_meta, load_checkpoint, patch_state_dict, save_checkpoint
 from tritonchat.engine.engine import Engine, SamplingParams
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
-from tritonchat.train import data
+from tritonchat.train import data, reference
 from tritonchat.train.config import (
     TrainConfig,
     TrainPlan,
@@ -273,18 +273,41 @@ def resume(run: Run, step: int) -> tuple[LoopState, dict]:
     run.hb.doing(f"loading the checkpoint of step {step}")
     model_state, optim_state, meta = load_checkpoint(run.run_dir, step, device=run.device, load_optimizer=True,
                                                      rank=run.info.rank)
-    if meta["model_config"] != run.plan.model_config.to_dict():
+    if config_from_meta(meta["model_config"]) != run.plan.model_config:
         raise ValueError(f"checkpoint model_config {meta['model_config']} differs from this run's "
                          f"{run.plan.model_config.to_dict()}")
-    saved_world = meta.get("world_size", 1)
-    if saved_world != run.info.world_size:
-        raise ValueError(f"checkpoint at step {step} was written by {saved_world} rank(s); resume it with the "
-                         f"same number of ranks (this job has {run.info.world_size})")
+    if reference.is_reference_optimizer_state(optim_state, run.opt):
+        # The reference trainer's checkpoint: its Muon state is stacked per group and sharded its own way, so
+        # every rank reads every shard and keeps what it owns under our layout (any number of ranks).
+        shards = [torch.load(p, map_location=run.device, weights_only=True)
+                  for p in reference_optimizer_shards(run.run_dir, step)]
+        optim_state = reference.convert_optimizer(shards, run.opt)
+        meta = {**meta, "loop_state": {**reference.loop_state_from_reference(meta), **(meta.get("loop_state") or {})}}
+        run.say(f"converting the reference's optimizer state ({len(shards)} rank shard(s)) to this run's layout")
+    else:
+        saved_world = meta.get("world_size", 1)
+        if saved_world != run.info.world_size:
+            raise ValueError(f"checkpoint at step {step} was written by {saved_world} rank(s); resume it with the "
+                             f"same number of ranks (this job has {run.info.world_size})")
     run.model.load_state_dict(patch_state_dict(model_state, run.model), strict=True)
     run.opt.load_state_dict(optim_state)
     run.hb.doing(None)
     run.say(f"resumed from step {meta['step']} in {run.run_dir}")
-    return LoopState.from_meta(meta), meta.get("dataloader_states", [meta["dataloader_state_dict"]])[run.info.rank]
+    # Ours keeps every rank's loader state; the reference one (rank 0's position, which every rank resumes from).
+    states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]] * run.info.world_size
+    return LoopState.from_meta(meta), states[run.info.rank]
+
+
+def reference_optimizer_shards(run_dir: Path, step: int) -> list[Path]:
+    """The optimizer files of `step`, rank 0 first; ValueError naming the folder when a rank's is missing."""
+    found = {}
+    for p in Path(run_dir).glob(f"optim_{step:06d}_rank*.pt"):
+        r = p.stem.rsplit("rank", 1)[-1]
+        if r.isdigit():
+            found[int(r)] = p
+    if not found or sorted(found) != list(range(len(found))):
+        raise ValueError(f"{run_dir}: the optimizer shards of step {step} are incomplete (ranks {sorted(found)})")
+    return [found[r] for r in range(len(found))]
 
 
 def save(run: Run, state: LoopState, loader_state: dict, val_bpb: float | None) -> None:
