@@ -284,7 +284,9 @@ def resume(run: Run, step: int) -> tuple[LoopState, dict]:
     run.opt.load_state_dict(optim_state)
     run.hb.doing(None)
     run.say(f"resumed from step {meta['step']} in {run.run_dir}")
-    return LoopState.from_meta(meta), meta.get("dataloader_states", [meta["dataloader_state_dict"]])[run.info.rank]
+    # ours: every rank's loader state; the reference's: rank 0's alone, which every rank resumes from
+    loader_states = meta.get("dataloader_states") or [meta["dataloader_state_dict"]] * run.info.world_size
+    return LoopState.from_meta(meta), loader_states[run.info.rank]
 
 
 def save(run: Run, state: LoopState, loader_state: dict, val_bpb: float | None) -> None:
