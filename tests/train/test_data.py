@@ -419,3 +419,12 @@ def test_equal_lengths_go_in_buffer_order(tmp_path):
     a, c, e, g = ([BOS, ord(s), ord(s) + 1] for s in "aceg")
     assert rows[0] == a + c + e[:1]
     assert rows[1] == g + [BOS] + list(b"ijk")  # then the shortest (9 tokens, the only one left) is cropped
+
+
+def test_older_state_without_row_restores_its_buffer(tmp_path):
+    # older loaders dropped empty texts, so their buffer rows count the non-empty texts of a row group
+    path = write_parquet(tmp_path / "shard_00000.parquet", ["", "ab", "", "cde", "f"], rows_per_group=5)
+    old = {"file_idx": 0, "row_group_idx": 0, "epoch": 0, "buffer": [[0, 0, 2], [0, 0, 0], [0, 0, 1]]}
+    loader = data.PackedLoader(ByteTokenizer(), [path], 1, 2, state=old, loop=False)
+    assert [d.tolist() for d in loader._docs] == [[BOS, 102], [BOS, 97, 98], [BOS, 99, 100]]
+    assert loader._lens == [2, 3, 4] and collect(loader)  # the row group is done: nothing more is read
