@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,6 +46,13 @@ TOKENIZER_FILE = "tokenizer.pkl"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
 TokenLike = str | int  # a special-token string or a token id
+
+# Where SPLIT_PATTERN always ends a piece, whatever follows: after an ASCII letter before a space (a letter run ends
+# at its last letter; the space starts the next piece), and after a newline before a visible ASCII character (no
+# alternative holds a newline followed by one). Cutting a text there and encoding the parts gives the same ids as
+# encoding it whole (the pattern has no look-behind, so a part is split as the whole text is from that point).
+# ASCII only, so that the rule does not hang on the Unicode tables of one regex engine or another.
+_SAFE_CUT = re.compile(r"[A-Za-z](?= )|\n(?=[!-~])")
 
 
 def _capped(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
@@ -204,6 +212,27 @@ class Tokenizer:
         return rows[0] if isinstance(text, str) else rows
 
     __call__ = encode
+
+    def encode_head(self, text: str, limit: int, prepend: TokenLike | None = None,
+                    chunk_chars: int = 1 << 16) -> tuple[list[int], int]:
+        """(ids[:limit], len(ids)) of ids = encode(text, prepend), without holding all of ids: the text is encoded in
+        parts of about `chunk_chars` characters cut where the pre-split always cuts (`_SAFE_CUT`), so the ids are
+        those of one encode, and memory follows the part, not the text. A text with no such cut, or an encoding with
+        another split pattern, is encoded in one piece."""
+        if limit < 0 or chunk_chars < 1:
+            raise ValueError(f"need limit >= 0 and chunk_chars >= 1, got {limit}, {chunk_chars}")
+        head = [] if prepend is None else [self._as_id(prepend)]
+        total, start = len(head), 0
+        safe = self.enc._pat_str == SPLIT_PATTERN
+        while start < len(text):
+            cut = _SAFE_CUT.search(text, start + chunk_chars) if safe and len(text) - start > chunk_chars else None
+            end = cut.end() if cut else len(text)
+            ids = self.enc.encode_ordinary(text[start:end])
+            total += len(ids)
+            if len(head) < limit:
+                head.extend(ids[:limit - len(head)])
+            start = end
+        return head[:limit], total
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids (list, tuple, tensor, array) -> text; raises ValueError naming the first out-of-range id."""

@@ -124,6 +124,19 @@ def test_prepend_append_and_batch(tok):
         tok.encode("x", prepend=VOCAB)
 
 
+def test_encode_head_equals_one_encode(tok):
+    """Cut into parts where the pre-split always cuts, the text encodes to the ids of one encode: random texts
+    of letters, digits, spaces, newlines, punctuation, contractions and non-ASCII, parts of 1 to 17 characters."""
+    rng = random.Random(3)
+    alphabet = list("ab cd\n\n  \t\r.,'s12345\u00e9\u00fc\u4e2d ") + ["'ll", "'ve", " \n", "\n\n", "  "]
+    for _ in range(1500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+        full = tok.encode(text, prepend="<|bos|>")
+        for chunk in (1, 3, 17):
+            limit = rng.randint(0, 40)
+            assert tok.encode_head(text, limit, prepend="<|bos|>", chunk_chars=chunk) == (full[:limit], len(full))
+
+
 def test_decode_accepts_tensors_and_rejects_out_of_range(tok):
     ids = tok.encode("tensor input", prepend="<|bos|>")
     assert tok.decode(torch.tensor(ids)) == "<|bos|>tensor input"

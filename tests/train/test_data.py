@@ -155,12 +155,11 @@ def test_deterministic(tmp_path):
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2), (2, 3)])
 def test_resume_from_state_dict(tmp_path, rank, world_size):
     files = unit_dataset(tmp_path, [5, 4, 6])
-    order = [(f, g) for f, n in enumerate([5, 4, 6]) for g in range(n)]
     first = data.PackedLoader(ByteTokenizer(), files, 2, 48, rank=rank, world_size=world_size, buffer_docs=12)
     collect(first, 5)
     state = json.loads(json.dumps(first.state_dict()))
-    assert set(state) == {"file_idx", "row_group_idx", "epoch", "buffer"} and state["buffer"]
-    saved = order.index((state["file_idx"], state["row_group_idx"]))
+    assert set(state) == {"file_idx", "row_group_idx", "epoch", "row", "buffer"} and state["buffer"]
+    saved = (state["file_idx"], state["row_group_idx"])
 
     tokenizers = [ByteTokenizer(), ByteTokenizer()]
     resumed = [data.PackedLoader(tok, files, 2, 48, rank=rank, world_size=world_size, state=state, buffer_docs=12)
@@ -177,8 +176,8 @@ def test_resume_from_state_dict(tmp_path, rank, world_size):
     for text in tokenizers[0].seen[restored:]:
         if not read or read[-1] != unit_of(text):
             read.append(unit_of(text))
-    mine = [u for i, u in enumerate(order) if i % world_size == rank]
-    expected = [u for u in mine if order.index(u) > saved] + mine  # the rest of this epoch, then the next
+    mine = [(f, g) for f, n in enumerate([5, 4, 6]) for g in range(rank, n, world_size)]  # strided per file
+    expected = [u for u in mine if u > saved] + mine  # the rest of this epoch, then the next
     assert read == expected[:len(read)]
 
 
@@ -206,14 +205,12 @@ def test_iter_documents_loops_over_epochs(tmp_path):
     files = unit_dataset(tmp_path, [2, 1], rows_per_group=2)
     it = data.iter_documents(files, rank=1, world_size=2)
     states = [next(it)[1] for _ in range(3)]
-    assert states == [{"file_idx": 0, "row_group_idx": 1, "epoch": 0},
-                      {"file_idx": 0, "row_group_idx": 1, "epoch": 1},
-                      {"file_idx": 0, "row_group_idx": 1, "epoch": 2}]
+    assert states == [{"file_idx": 0, "row_group_idx": 1, "epoch": e, "row": 2} for e in range(3)]
     texts, _ = next(data.iter_documents(files, start_state={"file_idx": 1, "row_group_idx": 0, "epoch": 4}))
     assert unit_of(texts[0]) == (0, 0)
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 5])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ranks_read_disjoint_units_covering_all(tmp_path, world_size):
     groups = [3, 2, 4]
     files = unit_dataset(tmp_path, groups, rows_per_group=2)
@@ -233,7 +230,7 @@ def test_loader_ranks_read_disjoint_documents(tmp_path):
     for rank, tok in enumerate(toks):
         collect(data.PackedLoader(tok, files, 2, 32, rank=rank, world_size=2, buffer_docs=4, loop=False))
     assert toks[0].seen and toks[1].seen and not set(toks[0].seen) & set(toks[1].seen)
-    assert {unit_of(t) for t in toks[0].seen} == {(0, 0), (0, 2), (1, 1)}
+    assert {unit_of(t) for t in toks[0].seen} == {(0, 0), (0, 2), (1, 0), (1, 2)}  # row groups 0, 2 of each file
 
 
 def test_rank_without_data_and_bad_state(tmp_path):
@@ -245,10 +242,19 @@ def test_rank_without_data_and_bad_state(tmp_path):
 
 
 def test_no_documents_is_an_error_not_a_hang(tmp_path):
-    path = write_parquet(tmp_path / "blank.parquet", ["", ""], rows_per_group=1)
-    with pytest.raises(ValueError, match="no non-empty document"):
+    path = write_parquet(tmp_path / "none.parquet", [], rows_per_group=1)
+    with pytest.raises(ValueError, match="no document"):
         next(iter(data.PackedLoader(ByteTokenizer(), [path], 1, 8)))
     assert collect(data.PackedLoader(ByteTokenizer(), [path], 1, 8, loop=False)) == []
+
+
+def test_empty_texts_are_lone_bos_documents(tmp_path):
+    path = write_parquet(tmp_path / "blank.parquet", ["", "ab", ""], rows_per_group=2)
+    rows = [torch.cat([x[0], y[0, -1:]]).tolist() for x, y in
+            data.PackedLoader(ByteTokenizer(), [path], 1, 4, buffer_docs=1, loop=False)]
+    # the first slice (row group 0) buffers "" and "ab": the longer goes first, then "" (a lone <|bos|>), then the
+    # refill brings the last ""
+    assert rows == [[BOS, 97, 98, BOS, BOS]]
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -377,3 +383,48 @@ def test_corpus_manifest_records_its_source(tmp_path):
     assert len(manifest["sha256"]) == 64 and "include_site_packages" not in manifest
     assert all("site-packages" not in p.parts and "dist-packages" not in p.parts
                for p in corpus._python_files(corpus.stdlib_dir()))
+
+
+# ---- data errors: one line, naming the file and row group -----------------------------------------
+def test_corrupt_page_names_file_and_row_group(tmp_path):
+    path = write_parquet(tmp_path / "shard_00000.parquet", [f"document {i} " * 20 for i in range(64)], 16)
+    meta = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    raw = bytearray(path.read_bytes())
+    start = meta.data_page_offset
+    raw[start:start + 64] = b"\xff" * 64  # the page header of row group 2
+    path.write_bytes(bytes(raw))
+    loader = data.PackedLoader(ByteTokenizer(), [path], 1, 8, buffer_docs=40)
+    with pytest.raises(ValueError) as err:
+        collect(loader, 200)
+    message = str(err.value)
+    assert str(path) in message and "row group 2" in message and "\n" not in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+@pytest.mark.parametrize("column,match", [(pa.array([1, 2, 3]), "holds int64, not strings"),
+                                          (pa.array(["a", None, "c"]), "row group 0, row 1: the text is null")])
+def test_bad_text_column_names_the_file(tmp_path, column, match):
+    path = tmp_path / "shard_00000.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    with pytest.raises(ValueError, match=match) as err:
+        next(iter(data.PackedLoader(ByteTokenizer(), [path], 1, 8)))
+    assert str(path) in str(err.value)
+
+
+def test_equal_lengths_go_in_buffer_order(tmp_path):
+    # four documents of 3 tokens; rows of 7 take two whole ones (the earliest first) and crop the next earliest
+    path = write_parquet(tmp_path / "ties.parquet", ["ab", "cd", "ef", "gh", "ijklmnop"], rows_per_group=8)
+    rows = [torch.cat([x[0], y[0, -1:]]).tolist() for x, y in
+            data.PackedLoader(ByteTokenizer(), [path], 1, 6, loop=False)]
+    a, c, e, g = ([BOS, ord(s), ord(s) + 1] for s in "aceg")
+    assert rows[0] == a + c + e[:1]
+    assert rows[1] == g + [BOS] + list(b"ijk")  # then the shortest (9 tokens, the only one left) is cropped
+
+
+def test_older_state_without_row_restores_its_buffer(tmp_path):
+    # older loaders dropped empty texts, so their buffer rows count the non-empty texts of a row group
+    path = write_parquet(tmp_path / "shard_00000.parquet", ["", "ab", "", "cde", "f"], rows_per_group=5)
+    old = {"file_idx": 0, "row_group_idx": 0, "epoch": 0, "buffer": [[0, 0, 2], [0, 0, 0], [0, 0, 1]]}
+    loader = data.PackedLoader(ByteTokenizer(), [path], 1, 2, state=old, loop=False)
+    assert [d.tolist() for d in loader._docs] == [[BOS, 102], [BOS, 97, 98], [BOS, 99, 100]]
+    assert loader._lens == [2, 3, 4] and collect(loader)  # the row group is done: nothing more is read
