@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import TextIO
 
 import pyarrow.parquet as pq
-from tritonchat.engine.cli import HelpFormatter, UsageError, run_main
+from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.paths import get_base_dir
 
-PROG = "python -m scripts.download_data"
+PROG = command_name("scripts.download_data")
 URL_ENV = "TRITONCHAT_DATA_URL"  # overrides the dataset's base URL (a mirror, a local server)
 PART = ".part"  # suffix of a shard still being downloaded
 CHUNK = 1 << 20  # bytes read and written at a time

@@ -83,6 +83,8 @@ def test_every_workflow_runs_from_outside_the_checkout(installed):
     assert "within tolerance" in bench.stdout
     helpme = _run([installed["py"], "-m", "tritonchat.train", "--help"], work, env)
     assert "--depth" in helpme.stdout
+    dl = _run([b / "tritonchat-download-data", "--help"], work, env)
+    assert dl.stdout.startswith("usage: tritonchat-download-data") and "--num-files" in dl.stdout
     assert not any(p.name.startswith("bench-results") for p in work.iterdir())  # a dry run writes nothing
 
 
