@@ -59,7 +59,7 @@ def installed(tmp_path_factory):
 def test_nothing_of_ours_at_the_top_level_of_site_packages(installed):
     site = installed["site"]
     assert (site / "tritonchat" / "kernels" / "_dispatch.py").is_file()
-    for name in ("scripts", "bench", "engine", "train"):
+    for name in ("scripts", "bench", "engine", "train", "tasks"):
         assert not (site / name).exists(), f"{name} at the top level of site-packages"
     if not installed["hf"]:
         pytest.skip(f"Hugging Face's kernels could not be installed here: {installed['hf_log']}")

@@ -1,0 +1,1 @@
+"""Tasks: datasets of conversations or documents with their evaluation rules."""
