@@ -329,8 +329,8 @@ def score_examples(forward: Forward, examples: Sequence[Example], task_type: str
         for b, (e, r) in enumerate(batch):
             row = examples[e].rows[r]
             ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        ids = ids.to(device)
-        losses, predictions = forward(ids)
+        losses, predictions = forward(ids.to(device))
+        losses, predictions = losses.cpu(), predictions.cpu()  # one transfer per batch, not one per row
         for b, (e, r) in enumerate(batch):
             s, t = examples[e].starts[r], examples[e].ends[r]
             if task_type == "language_modeling":  # position p predicts token p + 1
@@ -363,7 +363,7 @@ def evaluate_task(forward: Forward, tokenizer, data: Sequence[dict], task: CoreT
     mine = list(range(info.rank, len(data), info.world_size))
     right = torch.zeros(len(data), dtype=torch.float32, device=device)
     pad_id = tokenizer.get_bos_token_id()
-    chunk = 64  # items prepared and scored at a time, so progress shows and memory stays flat
+    chunk = 256  # items prepared and scored at a time, so progress shows and memory stays flat
     for k in range(0, len(mine), chunk):
         idxs = mine[k:k + chunk]
         examples = [prepare_example(i, data, task, tokenizer, max_seq_len) for i in idxs]

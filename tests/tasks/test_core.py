@@ -8,10 +8,14 @@ import functools
 import io
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,3 +397,18 @@ def test_cli_flag_checks(base_dir, capsys):
     with pytest.raises(SystemExit) as e:
         base_eval.main(["--max-per-task", "0"])
     assert e.value.code == 2 and "--max-per-task must be positive" in capsys.readouterr().err
+
+
+def test_two_ranks_score_what_one_process_scores(base_dir, tmp_path):
+    """torchrun with two gloo ranks on CPU: the items are split between them and the all-reduced result file is
+    the single process's."""
+    root = Path(__file__).resolve().parents[2]
+    args = ["--base-dir", str(base_dir), "--device", "cpu", "--impl", "torch", "--max-per-task", "8"]
+    assert base_eval.main([*args, "--output", str(tmp_path / "one.json")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.base_eval", *args, "--output", str(tmp_path / "two.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and two["results"] == one["results"] and two["core_metric"] == one["core_metric"]
