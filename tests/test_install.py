@@ -4,7 +4,8 @@ Builds the wheel from this checkout, installs it into a fresh virtual environmen
 dependencies come from the running environment, so nothing large is downloaded), installs Hugging Face's
 `kernels` distribution beside it (from PyPI; skipped when the index cannot be reached), then, from a folder
 outside the checkout and through the installed commands only: trains a tokenizer, runs 3 training steps, gets a
-chat answer and a dry run of the benchmark suite. Nothing of ours may sit at the top level of site-packages.
+chat answer, a CORE score on a tiny bundle and a dry run of the benchmark suite. Nothing of ours may sit at the
+top level of site-packages.
 """
 
 from __future__ import annotations
@@ -59,12 +60,28 @@ def installed(tmp_path_factory):
 def test_nothing_of_ours_at_the_top_level_of_site_packages(installed):
     site = installed["site"]
     assert (site / "tritonchat" / "kernels" / "_dispatch.py").is_file()
-    for name in ("scripts", "bench", "engine", "train"):
+    for name in ("scripts", "bench", "engine", "train", "tasks"):
         assert not (site / name).exists(), f"{name} at the top level of site-packages"
     if not installed["hf"]:
         pytest.skip(f"Hugging Face's kernels could not be installed here: {installed['hf_log']}")
     hf_init = (site / "kernels" / "__init__.py").read_text()
     assert "_dispatch" not in hf_init and "tritonchat" not in hf_init  # theirs, untouched by ours
+
+
+def _write_bundle(root: Path) -> None:
+    """A CORE eval bundle of three 0-shot tasks, one of each type, two items each."""
+    import json
+
+    (root / "eval_data").mkdir(parents=True)
+    tasks = {"mc": ("multiple_choice", [{"query": "The sky is", "choices": ["blue", "loud"], "gold": 0}] * 2),
+             "sch": ("schema", [{"context_options": ["Ann", "Bob"], "continuation": "sang.", "gold": 1}] * 2),
+             "lm": ("language_modeling", [{"context": "One, two,", "continuation": " three"}] * 2)}
+    config = "icl_tasks:\n" + "".join(f"- label: {k}\n  dataset_uri: {k}.jsonl\n  num_fewshot: [0]\n"
+                                      f"  icl_task_type: {t}\n" for k, (t, _) in tasks.items())
+    (root / "core.yaml").write_text(config)
+    (root / "eval_meta_data.csv").write_text("Eval Task,Random baseline\nmc,50\nsch,50\nlm,0\n")
+    for k, (_, items) in tasks.items():
+        (root / "eval_data" / f"{k}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
 
 
 def test_every_workflow_runs_from_outside_the_checkout(installed):
@@ -79,6 +96,9 @@ def test_every_workflow_runs_from_outside_the_checkout(installed):
     chat = _run([b / "tritonchat-chat", "-p", "Hello", "--max-tokens", "4", "--temperature", "0"], work, env)
     assert chat.stdout.strip() or chat.stderr  # an answer (a tiny model may say little) and the checkpoint line
     assert "model_000003.pt" in chat.stderr
+    _write_bundle(tmp / "base" / "eval_bundle")
+    _run([b / "tritonchat-base-eval", "--max-per-task", "2", "--device", "cpu"], work, env)
+    assert (tmp / "base" / "base_checkpoints" / "d1" / "core_000003_max2.json").is_file()
     bench = _run([b / "tritonchat-bench", "--dry-run", "--parts", "check", "--quiet"], work, env)
     assert "within tolerance" in bench.stdout
     helpme = _run([installed["py"], "-m", "tritonchat.train", "--help"], work, env)

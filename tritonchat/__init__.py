@@ -1,9 +1,9 @@
 """tritonchat: train, tune and serve a nanochat-style GPT on hand-written Triton kernels.
 
-The subpackages are `tritonchat.kernels`, `tritonchat.engine`, `tritonchat.train`, `tritonchat.scripts` and
-`tritonchat.bench`. An installed wheel holds them in this folder. In a checkout they are the top-level folders
-kernels/, engine/, train/, scripts/ and bench/ beside this one, which is why the checkout's root joins this
-package's search path below (nothing else happens at import).
+The subpackages are `tritonchat.kernels`, `tritonchat.engine`, `tritonchat.train`, `tritonchat.tasks`,
+`tritonchat.scripts` and `tritonchat.bench`. An installed wheel holds them in this folder. In a checkout they are
+the top-level folders kernels/, engine/, train/, tasks/, scripts/ and bench/ beside this one, which is why the
+checkout's root joins this package's search path below (nothing else happens at import).
 """
 
 from pathlib import Path as _Path
