@@ -116,3 +116,24 @@ def test_uninstalling_the_other_kernels_leaves_ours(installed):
     r = _run([installed["py"], "-c", "import tritonchat.kernels as k; print(k.rms_norm.__name__)"], installed["tmp"],
              installed["env"])
     assert r.stdout.strip() == "rms_norm"
+
+
+def test_every_console_command_names_a_main(monkeypatch, capsys):
+    """Each [project.scripts] entry is a function of tritonchat.commands whose module has a main; an interrupt
+    while a command's module is still importing is one line and exit 130."""
+    import re
+
+    from tritonchat import commands
+
+    text = (ROOT / "pyproject.toml").read_text()
+    entries = re.findall(r'^(tritonchat-[\w-]+) = "tritonchat\.commands:(\w+)"$', text, flags=re.M)
+    assert len(entries) >= 7
+    for name, func in entries:
+        assert callable(getattr(commands, func)), name
+
+    def interrupted(module):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands.importlib, "import_module", interrupted)
+    assert commands.train() == 130
+    assert capsys.readouterr().err == "tritonchat-train: interrupted\n"
