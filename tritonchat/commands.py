@@ -38,6 +38,10 @@ def base_eval() -> int:
     return _run("tritonchat.scripts.base_eval", "tritonchat-base-eval")
 
 
+def chat_eval() -> int:
+    return _run("tritonchat.scripts.chat_eval", "tritonchat-chat-eval")
+
+
 def bench() -> int:
     return _run("tritonchat.bench.suite", "tritonchat-bench")
 
