@@ -45,6 +45,7 @@ from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, resol
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
+from tritonchat.scripts.chat_cli import SOURCES
 from tritonchat.train import reference
 from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
@@ -53,7 +54,6 @@ from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
 from tritonchat.train.setup import check_impl, resolve_dtype
 
 PROG = command_name("scripts.chat_sft")
-SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 SINGLE = DistInfo()
 # What the reference falls back to when the base checkpoint does not say.
 FALLBACKS = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
