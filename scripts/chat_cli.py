@@ -4,7 +4,9 @@
     python -m scripts.chat_cli -p "What is 12*7?"   # one answer, then exit
 
 Loads a checkpoint directory in the nanochat layout (ours or nanochat's: model_*.pt + meta_*.json; by default
-the newest complete checkpoint in `<base>/base_checkpoints/*`, see `engine.checkpoint.find_latest_checkpoint`)
+the newest complete checkpoint in `<base>/chatsft_checkpoints/*` when there is one, else `<base>/base_checkpoints/*`;
+`-i base|sft|rl` chooses base_checkpoints, chatsft_checkpoints or chatrl_checkpoints, see
+`engine.checkpoint.find_latest_checkpoint`)
 and the tokenizer from `<base>/tokenizer` (or --tokenizer-dir); the base directory is `engine.paths.get_base_dir`'s
 unless --base-dir says otherwise. The loaded checkpoint is named on stderr.
 The conversation is kept as tokens and every turn runs in one engine session, so each new turn prefills only
@@ -33,6 +35,8 @@ from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
 
 PROG = command_name("scripts.chat_cli")
+# -i/--source: the folder under the base directory each training phase writes (the reference's names).
+SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 # How tool-use tokens are shown; the other special tokens are not printed.
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 
@@ -45,8 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
+    p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
+                   help="which checkpoints: base_checkpoints, chatsft_checkpoints or chatrl_checkpoints under <base> "
+                        "(default: sft when a complete SFT checkpoint exists, else base)")
     p.add_argument("--checkpoint-dir", default=None,
-                   help="a checkpoint folder (default: the newest complete checkpoint in <base>/base_checkpoints/*)")
+                   help="a checkpoint folder (default: the newest complete checkpoint of --source)")
     p.add_argument("--step", type=int, default=None, help="default: the last complete step in the folder")
     p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
     p.add_argument("--base-dir", default=None,
@@ -58,14 +65,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_source(args: argparse.Namespace, base_dir: Path) -> str:
+    """--source, else "sft" when `<base>/chatsft_checkpoints` holds a complete checkpoint, else "base"."""
+    if args.source is not None:
+        return args.source
+    try:
+        find_latest_checkpoint(base_dir / SOURCES["sft"])
+        return "sft"
+    except FileNotFoundError:
+        return "base"
+
+
 def find_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int]:
     """(folder, step) to load: the folder is --checkpoint-dir, else the newest complete checkpoint's in
-    `<base>/base_checkpoints`; the step is --step, else the folder's last complete one."""
+    `<base>/{base,chatsft,chatrl}_checkpoints` (per `resolve_source`); the step is --step, else the folder's
+    last complete one."""
     if args.checkpoint_dir is None:
+        source = resolve_source(args, base_dir)
         try:
-            ckpt_dir, step = find_latest_checkpoint(base_dir / "base_checkpoints")
+            ckpt_dir, step = find_latest_checkpoint(base_dir / SOURCES[source])
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}: train one (`make demo`), or pass --base-dir or --checkpoint-dir") from None
+            how = {"base": "train one (`make demo`)", "sft": "fine-tune one (`python -m scripts.chat_sft`)",
+                   "rl": "train one with RL"}[source]
+            raise FileNotFoundError(f"{e}: {how}, or pass --base-dir, -i or --checkpoint-dir") from None
     else:
         ckpt_dir = Path(args.checkpoint_dir)
         if not ckpt_dir.is_dir():
@@ -96,7 +118,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
     model.eval()
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,
                     impl=model.impl)
-    where = f"{model_path(ckpt_dir, step)} (step {meta.get('step', step)}) on {device}, impl {model.impl}"
+    source = "" if args.checkpoint_dir else f"{resolve_source(args, base_dir)} model "
+    where = f"{source}{model_path(ckpt_dir, step)} (step {meta.get('step', step)}) on {device}, impl {model.impl}"
     return engine, tokenizer, where
 
 

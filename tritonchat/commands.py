@@ -34,6 +34,10 @@ def chat() -> int:
     return _run("tritonchat.scripts.chat_cli", "tritonchat-chat")
 
 
+def chat_sft() -> int:
+    return _run("tritonchat.scripts.chat_sft", "tritonchat-chat-sft")
+
+
 def base_eval() -> int:
     return _run("tritonchat.scripts.base_eval", "tritonchat-base-eval")
 
