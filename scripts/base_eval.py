@@ -34,6 +34,8 @@ PROG = command_name("scripts.base_eval")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("-i", "--source", choices=["base", "sft", "rl"], default="base",
+                   help="which checkpoints: base_checkpoints, chatsft_checkpoints or chatrl_checkpoints")
     p.add_argument("--checkpoint-dir", default=None,
                    help="a checkpoint folder (default: the newest complete checkpoint in <base>/base_checkpoints/*)")
     p.add_argument("--step", type=int, default=None, help="default: the last complete step in the folder")

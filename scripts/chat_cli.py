@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_source(args: argparse.Namespace, base_dir: Path) -> str:
     """--source, else "sft" when `<base>/chatsft_checkpoints` holds a complete checkpoint, else "base"."""
-    if args.source is not None:
+    if getattr(args, "source", None) is not None:
         return args.source
     try:
         find_latest_checkpoint(base_dir / SOURCES["sft"])
