@@ -77,10 +77,85 @@ def iter_conversations(path: str | Path) -> Iterator[dict]:
             yield conv
 
 
+# The tasks --tasks can mix: name -> (module, class, training kwargs, held-out kwargs or None). The reference's
+# SFT mixture is SmolTalk, MMLU:1 (auxiliary_train), GSM8K, SimpleSpelling and SpellingBee, plus identity
+# conversations (--data); its held-out set SmolTalk, MMLU and GSM8K test.
+SFT_TASKS = {
+    "SmolTalk": ("tritonchat.tasks.smoltalk", "SmolTalk", {"split": "train"}, {"split": "test"}),
+    "MMLU": ("tritonchat.tasks.mmlu", "MMLU", {"split": "auxiliary_train"}, {"split": "test"}),
+    "ARC-Easy": ("tritonchat.tasks.arc", "ARC", {"subset": "ARC-Easy", "split": "train"},
+                 {"subset": "ARC-Easy", "split": "test"}),
+    "ARC-Challenge": ("tritonchat.tasks.arc", "ARC", {"subset": "ARC-Challenge", "split": "train"},
+                      {"subset": "ARC-Challenge", "split": "test"}),
+    "GSM8K": ("tritonchat.tasks.gsm8k", "GSM8K", {"subset": "main", "split": "train"},
+              {"subset": "main", "split": "test"}),
+    "SpellingBee": ("tritonchat.tasks.spellingbee", "SpellingBee", {"size": 80_000, "split": "train"},
+                    {"size": 200, "split": "test"}),
+    "SimpleSpelling": ("tritonchat.tasks.spellingbee", "SimpleSpelling", {"size": 200_000, "split": "train"},
+                       {"size": 200, "split": "test"}),
+}
+
+
+def parse_tasks(spec: str) -> list[tuple[str, float]]:
+    """"SmolTalk,GSM8K:2,SpellingBee:0.5" -> [(name, epochs), ...]; ValueError naming what is wrong."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, _, epochs = item.partition(":")
+        if name not in SFT_TASKS:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(SFT_TASKS)}")
+        try:
+            value = float(epochs) if epochs else 1.0
+        except ValueError:
+            raise ValueError(f"{item!r}: the epochs after ':' must be a number") from None
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"{item!r}: the epochs must be positive")
+        out.append((name, value))
+    if not out:
+        raise ValueError("no tasks named")
+    return out
+
+
+def _task(name: str, kwargs: dict, base_dir):
+    import importlib
+    import inspect
+
+    module, cls = SFT_TASKS[name][:2]
+    task_cls = getattr(importlib.import_module(module), cls)
+    if "base_dir" in inspect.signature(task_cls.__init__).parameters:  # generated tasks read no files
+        kwargs = {**kwargs, "base_dir": base_dir}
+    return task_cls(**kwargs)
+
+
+def task_datasets(tasks: list[tuple[str, float]], base_dir, seed: int) -> tuple[Sequence[dict], Sequence[dict]]:
+    """(training mixture, held-out mixture of the tasks' test splits) for `--tasks`."""
+    from tritonchat.tasks.common import TaskMixture
+
+    train = TaskMixture([_task(n, SFT_TASKS[n][2], base_dir) for n, _ in tasks], [e for _, e in tasks], seed=seed)
+    held = [_task(n, SFT_TASKS[n][3], base_dir) for n, _ in tasks if SFT_TASKS[n][3] is not None]
+    return train, (TaskMixture(held, seed=seed) if held else [])
+
+
 def load_datasets(args: argparse.Namespace) -> tuple[Sequence[dict], Sequence[dict], str]:
     """(train, validation, a line saying where they came from). Any sequence of conversations works here (a
     list, or a task mixture with __len__ and __getitem__). Without --val-data, the last --val-fraction of
-    --data is held out."""
+    --data is held out; --tasks brings its own held-out set (the tasks' test splits)."""
+    if args.tasks is not None:
+        base_dir = Path(args.base_dir) if args.base_dir else get_base_dir()
+        train, val = task_datasets(args.tasks, base_dir, args.seed)
+        names = ", ".join(f"{n}:{e:g}" for n, e in args.tasks)
+        if args.data is not None:  # the user's own conversations beside the mixture, e.g. identity ones
+            from tritonchat.tasks.common import TaskSequence
+            from tritonchat.tasks.customjson import CustomJSON
+
+            train = TaskSequence([train, CustomJSON(args.data)])
+            names += f" and {args.data}"
+        if args.val_data:
+            val = list(iter_conversations(args.val_data))
+        if len(train) == 0:
+            raise UsageError(f"--tasks {names}: no conversations to train on")
+        return train, val, f"{len(train):,} conversations from {names}, {len(val):,} held out"
     train = list(iter_conversations(args.data))
     if args.val_data:
         val = list(iter_conversations(args.val_data))
@@ -598,7 +673,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--data", required=True, help='training conversations: a JSONL file, one {"messages": [...]} a line')
+    p.add_argument("--data", default=None, help='training conversations: a JSONL file, one {"messages": [...]} a line')
+    p.add_argument("--tasks", default=None,
+                   help="a task mixture instead of (or beside) --data: NAME[:EPOCHS],... of " + ", ".join(SFT_TASKS)
+                   + "; the held-out set is their test splits")
     p.add_argument("--val-data", default=None, help="held-out conversations (default: the end of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of --data held out without --val-data")
     p.add_argument("--source-dir", default=None,
@@ -635,8 +713,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    if not Path(args.data).is_file():
+    if args.data is None and args.tasks is None:
+        p.error("give --data (a JSONL file of conversations), --tasks (a task mixture), or both")
+    if args.data is not None and not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
+    if args.tasks is not None:
+        try:
+            args.tasks = parse_tasks(args.tasks)
+        except ValueError as e:
+            p.error(f"--tasks: {e}")
     if args.val_data and not Path(args.val_data).is_file():
         p.error(f"--val-data {args.val_data}: no such file")
     if not 0 <= args.val_fraction < 1:

@@ -216,3 +216,27 @@ def test_bad_data_is_one_line(base, tmp_path, capsys):
     assert exit_code(["--data", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--data" in err, err
+
+
+def test_a_task_mixture_trains_beside_the_users_conversations(base, tmp_path):
+    """--tasks mixes named tasks (here a share of the generated spelling tasks) with --data's conversations; the
+    held-out set is the tasks' test splits. The mixture is what the loader packs, in the seeded order."""
+    args = chat_sft.parse_args(["--tasks", "SpellingBee:0.0005,SimpleSpelling:0.0002", "--data",
+                                str(base / "train.jsonl"), "--base-dir", str(base), "--device", "cpu", "--impl",
+                                "torch", "--max-seq-len", "64", "--device-batch-size", "8", "--quiet",
+                                "--num-iterations", "3", "--eval-every", "-1", "--eval-tokens", "512",
+                                "--out-dir", str(tmp_path)])
+    assert args.tasks == [("SpellingBee", 0.0005), ("SimpleSpelling", 0.0002)]
+    train, val, where = chat_sft.load_datasets(args)
+    assert len(train) == 40 + 40 + len(sums()) - 40 and len(val) == 400 and "SpellingBee:0.0005" in where
+    assert all(train[i]["messages"][-1]["role"] == "assistant" for i in range(len(train)))
+    result = chat_sft.train_sft(args)
+    assert result["final_step"] == 3 and is_complete(tmp_path, 3)
+
+
+@pytest.mark.parametrize("spec, words", [("NoSuch", "unknown task"), ("SmolTalk:x", "a number"),
+                                         ("GSM8K:0", "positive"), (",", "no tasks")])
+def test_bad_task_specs_are_one_line(base, tmp_path, capsys, spec, words):
+    assert exit_code(["--tasks", spec, "--base-dir", str(base), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{chat_sft.PROG}: error: --tasks") and err.count("\n") == 1 and words in err, err
