@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # without flags (engine/paths.py), so `python -m scripts.chat_cli` answers from the demo's model.
 DEMO_DIR ?= $(CURDIR)/.tritonchat
 
-.PHONY: install demo test lint clean
+.PHONY: install demo chat-demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ demo: install
 		--total-batch-size=4096 --num-iterations=150 --eval-every=50 --eval-tokens=32768 \
 		--matrix-lr=0.2 --embedding-lr=3.0 --unembedding-lr=0.08 --scalar-lr=5.0 \
 		--save-every=-1 --sample-every=-1 --log-every=10 --run=demo
+
+# After `make demo`: fine-tune its model on the generated spelling tasks (answers with a calculator call), score it,
+# and ask it a counting question (a few minutes on a CPU).
+chat-demo: install
+	TRITONCHAT_BASE_DIR=$(DEMO_DIR) $(PY) -m scripts.chat_sft --tasks SpellingBee:0.005,SimpleSpelling:0.002 \
+		--num-iterations=120 --max-seq-len=256 --device-batch-size=16 --total-batch-size=4096 --eval-every=40 \
+		--eval-tokens=8192 --log-every=20
+	TRITONCHAT_BASE_DIR=$(DEMO_DIR) $(PY) -m scripts.chat_eval -i sft -a SpellingBee --max-problems 40 --batch-size 20
+	TRITONCHAT_BASE_DIR=$(DEMO_DIR) $(PY) -m scripts.chat_cli -i sft -p "How many r are in strawberry?" --temperature 0
 
 # One pytest worker per core (pytest-xdist), a file per worker at a time: the module fixtures are built once.
 # For benchmarks run pytest directly (`pytest bench/ --benchmark`): xdist would switch their timing off.

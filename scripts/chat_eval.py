@@ -136,7 +136,7 @@ def _main(argv=None) -> int:
     device = resolve_device(args.device)
     check_impl(args.impl, device)
     impl = args.impl
-    base_dir = Path(args.base_dir) if args.base_dir else get_base_dir()
+    base_dir = Path(args.base_dir) if args.base_dir else Path(get_base_dir())
     ckpt_dir, step = find_source(args, base_dir)
     tokenizer = Tokenizer.from_directory(base_dir / "tokenizer")
     model, meta = load_model(ckpt_dir, step, device=device, impl=impl)

@@ -142,7 +142,7 @@ def load_datasets(args: argparse.Namespace) -> tuple[Sequence[dict], Sequence[di
     list, or a task mixture with __len__ and __getitem__). Without --val-data, the last --val-fraction of
     --data is held out; --tasks brings its own held-out set (the tasks' test splits)."""
     if args.tasks is not None:
-        base_dir = Path(args.base_dir) if args.base_dir else get_base_dir()
+        base_dir = Path(args.base_dir) if args.base_dir else Path(get_base_dir())
         train, val = task_datasets(args.tasks, base_dir, args.seed)
         names = ", ".join(f"{n}:{e:g}" for n, e in args.tasks)
         if args.data is not None:  # the user's own conversations beside the mixture, e.g. identity ones
