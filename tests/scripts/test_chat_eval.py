@@ -80,3 +80,9 @@ def test_user_mistakes_are_one_line(base_dir, argv, capsys):
     rc = chat_eval.main([*argv, "--base-dir", str(base_dir), "--device", "cpu", "--impl", "torch"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "error" in err, err
+
+
+def test_the_base_dir_from_the_environment(base_dir, monkeypatch, capsys):
+    monkeypatch.setenv("TRITONCHAT_BASE_DIR", str(base_dir))
+    assert chat_eval.main(["-a", "ARC-Easy", "--max-problems", "2", "--device", "cpu", "--impl", "torch"]) == 0
+    assert "ARC-Easy:" in capsys.readouterr().out
