@@ -23,6 +23,7 @@ import torch
 from tritonchat.engine.checkpoint import config_from_meta, load_meta, load_model, meta_path, model_path
 from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
 from tritonchat.engine.paths import atomic_write, get_base_dir
+from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
 from tritonchat.scripts.chat_cli import find_checkpoint
 from tritonchat.tasks import core
@@ -130,6 +131,7 @@ def _main(argv=None) -> int:
             atomic_write(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
             print(f"CORE metric: {out['core_metric']:.4f} ({len(out['results'])} tasks, {seconds:.0f}s); "
                   f"written to {path}")
+            update_report(base_dir)
     finally:
         destroy_distributed()
     return 0

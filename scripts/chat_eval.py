@@ -24,6 +24,7 @@ import torch
 from tritonchat.engine.checkpoint import find_last_step, find_latest_checkpoint, load_model
 from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
 from tritonchat.engine.paths import atomic_write, get_base_dir
+from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
 
 PROG = command_name("scripts.chat_eval")
@@ -170,6 +171,7 @@ def _main(argv=None) -> int:
                        "max_problems": args.max_problems, "temperature": args.temperature}, indent=2).encode()
     atomic_write(out, lambda f: f.write(data))
     print(f"wrote {out}", file=sys.stderr)
+    update_report(base_dir)
     return 0
 
 

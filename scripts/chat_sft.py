@@ -44,6 +44,7 @@ from tritonchat.engine.checkpoint import (
 from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, resolve_device, run_main
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
+from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
 from tritonchat.scripts.chat_cli import SOURCES
 from tritonchat.train import reference
@@ -551,6 +552,8 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             run.loop(step, guard, stop_after)
         except KeyboardInterrupt:
             raise run.interrupted() from None
+        if info.is_main:
+            update_report(base_dir)
         return result
 
 

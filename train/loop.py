@@ -21,6 +21,7 @@ from tritonchat.engine.checkpoint import config_from_meta, load_checkpoint, patc
 from tritonchat.engine.engine import Engine, SamplingParams
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
+from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
 from tritonchat.train import data, reference
 from tritonchat.train.config import (
@@ -397,6 +398,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, fail_at: int | None =
         if len(result["val_bpb"]) > 1:
             (s0, b0), (s1, b1) = min(result["val_bpb"].items()), max(result["val_bpb"].items())
             run.say(f"validation bpb {b0:.4f} at step {s0} -> {b1:.4f} at step {s1}")
+        if run.info.is_main:
+            update_report(cfg.base_dir or get_base_dir())
         return result
 
 
