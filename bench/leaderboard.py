@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -172,9 +172,24 @@ def update(results_dir: Path, output: Path) -> list[str]:
     return warnings
 
 
-def submit(path: Path, results_dir: Path) -> Path:
-    """Validate a result file and copy it into results_dir (ValueError listing every problem)."""
+def core_score(path: Path) -> float:
+    """The CORE metric of a full `python -m scripts.base_eval` result (core_{step}.json); ValueError for a quick
+    run (--max-per-task) or a file without one."""
+    record = load_json(path)
+    score = record.get("core_metric")
+    if not isinstance(score, (int, float)):
+        raise ValueError(f"{path}: no core_metric (is it a scripts.base_eval result?)")
+    if record.get("max_per_task") not in (None, -1):
+        raise ValueError(f"{path}: a --max-per-task={record['max_per_task']} run; the leaderboard takes full ones")
+    return float(score)
+
+
+def submit(path: Path, results_dir: Path, core: Path | None = None) -> Path:
+    """Validate a result file and copy it into results_dir (ValueError listing every problem). `core`: a
+    scripts.base_eval result whose CORE metric fills the row's CORE column (the submission is written with it)."""
     result = load_json(path)
+    if core is not None:
+        result = {**result, "core": core_score(core), "core_source": str(core)}
     problems = validate(result)
     if problems:
         raise ValueError(f"{path} is not a valid submission:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -182,17 +197,20 @@ def submit(path: Path, results_dir: Path) -> Path:
     dest = results_dir / path.name
     if not dest.name.startswith(f"{SUBMISSION_NAME}_"):
         dest = results_dir / f"{SUBMISSION_NAME}_{path.name}"
+    payload = json.dumps(result, indent=2).encode() if core is not None else path.read_bytes()
     if dest.exists() and dest.resolve() != path.resolve():
-        if dest.read_bytes() != path.read_bytes():
+        if dest.read_bytes() != payload:
             raise ValueError(f"{dest} already exists with other contents; rename the submission")
     elif not dest.exists():
-        shutil.copyfile(path, dest)
+        dest.write_bytes(payload)
     return dest
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.leaderboard", description=__doc__.split("\n")[0])
     p.add_argument("--submit", type=Path, help="validate this result file, add it to the results and re-render")
+    p.add_argument("--core", type=Path, default=None,
+                   help="with --submit: a scripts.base_eval result (core_{step}.json) for the row's CORE column")
     p.add_argument("--check", type=Path, nargs="+", help="validate these result files only")
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder (default bench/results)")
     p.add_argument("--output", type=Path, default=LEADERBOARD, help="the Markdown file (default LEADERBOARD.md)")
@@ -206,7 +224,9 @@ def main(argv=None) -> int:
                 print(f"{path}: " + ("ok" if not problems else "invalid:\n" + "\n".join(f"  - {x}" for x in problems)))
             return 2 if bad else 0
         if args.submit:
-            print(f"accepted {args.submit} as {submit(args.submit, args.results)}")
+            print(f"accepted {args.submit} as {submit(args.submit, args.results, args.core)}")
+        elif args.core:
+            raise ValueError("--core goes with --submit")
         warnings = update(args.results, args.output)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

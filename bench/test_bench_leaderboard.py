@@ -149,3 +149,18 @@ def test_empty_leaderboard_says_there_is_nothing_yet(tmp_path):
     assert lb.main(["--results", str(tmp_path / "none"), "--output", str(out)]) == 0
     text = out.read_text()
     assert "No submissions yet" in text and "1.65 h" in text
+
+
+def test_a_core_result_fills_the_core_column(tmp_path, capsys):
+    good = write(tmp_path / "train_step_core.json", submission())
+    core = write(tmp_path / "core_000100.json", {"core_metric": 0.2125, "max_per_task": -1})
+    quick = write(tmp_path / "core_000100_max50.json", {"core_metric": 0.3, "max_per_task": 50})
+    results, out = tmp_path / "results", tmp_path / "LEADERBOARD.md"
+    assert lb.main(["--submit", str(good), "--core", str(core), "--results", str(results), "--output", str(out)]) == 0
+    saved = json.loads((results / "train_step_core.json").read_text())
+    assert saved["core"] == 0.2125 and saved["core_source"] == str(core)
+    assert "0.2125" in out.read_text()
+    with pytest.raises(ValueError, match="max-per-task"):
+        lb.submit(good, tmp_path / "other", quick)
+    assert lb.main(["--core", str(core), "--results", str(results), "--output", str(out)]) == 2
+    assert "--core goes with --submit" in capsys.readouterr().err

@@ -131,6 +131,10 @@ def _main(argv=None) -> int:
             atomic_write(path, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
             print(f"CORE metric: {out['core_metric']:.4f} ({len(out['results'])} tasks, {seconds:.0f}s); "
                   f"written to {path}")
+            if (args.max_per_task is None or args.max_per_task < 0) and (ckpt_dir / "metrics.jsonl").is_file():
+                # the run's metrics get the score of its checkpoint (a full evaluation only)
+                with open(ckpt_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": meta.get("step", step), "core_metric": out["core_metric"]}) + "\n")
             update_report(base_dir)
     finally:
         destroy_distributed()

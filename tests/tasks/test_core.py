@@ -349,6 +349,7 @@ def one_line_error(capsys, rc) -> str:
 
 def test_cli_writes_the_score_beside_the_checkpoint(base_dir, capsys):
     ckpt = base_dir / "base_checkpoints" / "d1"
+    (ckpt / "metrics.jsonl").write_text(json.dumps({"step": 7, "val_bpb": 2.0}) + "\n")  # the run's own metrics
     assert base_eval.main(["--base-dir", str(base_dir), "--device", "cpu", "--impl", "torch",
                            "--batch-tokens", "256"]) == 0
     out = capsys.readouterr().out
@@ -360,10 +361,13 @@ def test_cli_writes_the_score_beside_the_checkpoint(base_dir, capsys):
     assert result["results"] == pytest.approx(want["results"], abs=1e-12) and set(result["results"]) == set(EXPECTED)
     assert result["step"] == 7 and result["max_per_task"] == -1 and result["checkpoint"].endswith("model_000007.pt")
     assert f"CORE metric: {want['core_metric']:.4f}" in out and "lm " in out
+    assert "CORE" in (base_dir / "report.md").read_text()  # the report card has the score
     assert base_eval.main(["--checkpoint-dir", str(ckpt), "--tokenizer-dir", str(base_dir / "tokenizer"),
                            "--bundle-dir", str(base_dir / "eval_bundle"), "--max-per-task", "5", "--impl", "torch",
                            "--device", "cpu"]) == 0
     quick = json.loads((ckpt / "core_000007_max5.json").read_text())
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert records[1:] == [{"step": 7, "core_metric": result["core_metric"]}]  # the full run only
     assert quick["max_per_task"] == 5 and all(v["items"] == 5 for v in quick["tasks"].values())
 
 
