@@ -2,6 +2,7 @@
 
     python -m scripts.chat_eval -i sft -a ARC-Easy,GSM8K          # the newest SFT checkpoint, two tasks
     python -m scripts.chat_eval -a all --max-problems 100          # every task, 100 items each
+    torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft -a all  # the items strided over the ranks
 
 Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) are scored from the logits of the answer letters at the position
 after <|assistant_start|> (tasks.common: categorical_batch, predict_choice); generative ones (GSM8K, HumanEval,
@@ -26,6 +27,7 @@ from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command
 from tritonchat.engine.paths import atomic_write, get_base_dir
 from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.train.dist import all_reduce_sum, destroy_distributed, init_distributed
 
 PROG = command_name("scripts.chat_eval")
 SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -137,6 +139,16 @@ def _main(argv=None) -> int:
     device = resolve_device(args.device)
     check_impl(args.impl, device)
     impl = args.impl
+    info = init_distributed(device.type)  # under torchrun the items are strided over the ranks
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return _evaluate(args, device, impl, info)
+    finally:
+        destroy_distributed()
+
+
+def _evaluate(args, device, impl, info) -> int:
     base_dir = Path(args.base_dir) if args.base_dir else Path(get_base_dir())
     ckpt_dir, step = find_source(args, base_dir)
     tokenizer = Tokenizer.from_directory(base_dir / "tokenizer")
@@ -145,7 +157,8 @@ def _main(argv=None) -> int:
         raise UsageError(f"the tokenizer in {base_dir / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens, the "
                          f"checkpoint {ckpt_dir} only {model.config.vocab_size}")
     model.eval()
-    print(f"{PROG}: {ckpt_dir} step {step} on {device}, impl {impl}", file=sys.stderr)
+    if info.is_main:
+        print(f"{PROG}: {ckpt_dir} step {step} on {device}, impl {impl}, {info.world_size} rank(s)", file=sys.stderr)
     from tritonchat.engine.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer, impl=impl, max_batch_size=args.batch_size)
@@ -155,19 +168,25 @@ def _main(argv=None) -> int:
         task = load_task(name, base_dir)
         n = len(task) if args.max_problems is None else min(len(task), args.max_problems)
         t0 = time.perf_counter()
-        indices = list(range(n))
+        indices = list(range(info.rank, n, info.world_size))
         if task.eval_type == "categorical":
             ok = evaluate_categorical(model, tokenizer, task, indices, args.batch_size, device)
         else:
             ok = evaluate_generative(engine, tokenizer, task, indices, args.batch_size, params)
-        acc = sum(ok) / max(1, len(ok))
-        results[name] = {"accuracy": acc, "correct": sum(ok), "total": len(ok), "eval_type": task.eval_type,
+        counts = all_reduce_sum(torch.tensor([sum(ok), len(ok)], dtype=torch.float64, device=device), info)
+        correct, total = int(counts[0].item()), int(counts[1].item())
+        acc = correct / max(1, total)
+        results[name] = {"accuracy": acc, "correct": correct, "total": total, "eval_type": task.eval_type,
                          "baseline": TASKS[name][3], "seconds": time.perf_counter() - t0}
-        print(f"{name}: {acc:.4f} ({sum(ok)}/{len(ok)}, {task.eval_type}, {results[name]['seconds']:.1f} s)")
+        if info.is_main:
+            print(f"{name}: {acc:.4f} ({correct}/{total}, {task.eval_type}, {results[name]['seconds']:.1f} s)")
     score = chatcore({k: v["accuracy"] for k, v in results.items()})
+    if not info.is_main:
+        return 0
     print(f"ChatCORE: {score:.4f} over {len(results)} task(s)")
     out = ckpt_dir / f"chat_eval_{step:06d}.json"
     data = json.dumps({"checkpoint": str(ckpt_dir), "step": step, "chatcore": score, "tasks": results,
+                       "world_size": info.world_size,
                        "max_problems": args.max_problems, "temperature": args.temperature}, indent=2).encode()
     atomic_write(out, lambda f: f.write(data))
     print(f"wrote {out}", file=sys.stderr)

@@ -86,3 +86,30 @@ def test_the_base_dir_from_the_environment(base_dir, monkeypatch, capsys):
     monkeypatch.setenv("TRITONCHAT_BASE_DIR", str(base_dir))
     assert chat_eval.main(["-a", "ARC-Easy", "--max-problems", "2", "--device", "cpu", "--impl", "torch"]) == 0
     assert "ARC-Easy:" in capsys.readouterr().out
+
+
+def test_two_ranks_score_what_one_process_scores(base_dir):
+    """torchrun with two gloo ranks on CPU: the items are split between them and the summed counts are the single
+    process's, for a categorical and a generative task."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["-a", "ARC-Easy,SpellingBee", "--max-problems", "5", "--max-new-tokens", "6", "--base-dir",
+            str(base_dir), "--device", "cpu", "--impl", "torch"]
+    result = base_dir / "chatsft_checkpoints" / "d1" / "chat_eval_000005.json"
+    assert chat_eval.main(args) == 0
+    one = json.loads(result.read_text())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_eval", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads(result.read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for name in ("ARC-Easy", "SpellingBee"):
+        assert (two["tasks"][name]["correct"], two["tasks"][name]["total"]) == \
+            (one["tasks"][name]["correct"], one["tasks"][name]["total"]) and two["tasks"][name]["total"] == 5
+    assert two["chatcore"] == one["chatcore"]
