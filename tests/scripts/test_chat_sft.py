@@ -240,3 +240,25 @@ def test_bad_task_specs_are_one_line(base, tmp_path, capsys, spec, words):
     assert exit_code(["--tasks", spec, "--base-dir", str(base), "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{chat_sft.PROG}: error: --tasks") and err.count("\n") == 1 and words in err, err
+
+
+def test_two_ranks_train_and_save_one_checkpoint(base, tmp_path):
+    """torchrun with two gloo ranks on CPU: each rank trains on its share of the conversations, the gradients are
+    averaged, and one checkpoint (every rank's optimizer shard, one model and meta) is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_sft", *argv(base, "--num-iterations", "3", "--eval-every", "-1", "--eval-tokens", "256",
+                                     "--total-batch-size", "1024", "--out-dir", str(out))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert is_complete(out, 3)
+    assert (out / "optim_000003_rank0.pt").exists() and (out / "optim_000003_rank1.pt").exists()
+    meta = json.loads((out / "meta_000003.json").read_text())
+    assert meta["world_size"] == 2 and len(meta["dataloader_states"]) == 2
