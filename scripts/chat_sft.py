@@ -21,7 +21,6 @@ layout (model_*.pt, meta_*.json, optim_*_rank{r}.pt), written atomically; --resu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -47,6 +46,7 @@ from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
 from tritonchat.scripts.chat_cli import SOURCES
+from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train import reference
 from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
@@ -65,17 +65,10 @@ FALLBACKS = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 5
 def iter_conversations(path: str | Path) -> Iterator[dict]:
     """The conversations of a JSONL file, one {"messages": [...]} per non-empty line; ValueError naming the
     line for anything else."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                conv = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
-                raise ValueError(f'{path}:{n}: each line must be an object {{"messages": [...]}}')
-            yield conv
+    for n, conv in iter_jsonl(path):
+        if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
+            raise ValueError(f'{path}:{n}: each line must be an object {{"messages": [...]}}')
+        yield conv
 
 
 # The tasks --tasks can mix: name -> (module, class, training kwargs, held-out kwargs or None). The reference's

@@ -22,7 +22,6 @@ CORE = the mean of the centered accuracies.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.tasks.yaml_lite import parse_yaml
 from tritonchat.train.dist import DistInfo, all_reduce_sum
 
@@ -139,16 +139,9 @@ def load_task_data(bundle_dir: str | os.PathLike, task: CoreTask) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"CORE task {task.label}: no {path}")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            _check_item(item, task.task_type, f"{path}:{lineno}")
-            items.append(item)
+    for lineno, item in iter_jsonl(path):
+        _check_item(item, task.task_type, f"{path}:{lineno}")
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -8,10 +8,10 @@ one is a ValueError naming `file:line` and what is wrong with it.
 
 from __future__ import annotations
 
-import json
 import os
 
 from tritonchat.tasks.common import Task, validate_conversation
+from tritonchat.tasks.datafiles import iter_jsonl
 
 
 class CustomJSON(Task):
@@ -22,21 +22,13 @@ class CustomJSON(Task):
             raise FileNotFoundError(f"no conversations file at {self.path} (JSONL, one {{\"messages\": [...]}} "
                                     "per line)")
         self.conversations = []
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{line_no}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                conversation = {"messages": item} if isinstance(item, list) else item
-                try:
-                    validate_conversation(conversation)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-                self.conversations.append({"messages": conversation["messages"]})
+        for line_no, item in iter_jsonl(self.path):
+            conversation = {"messages": item} if isinstance(item, list) else item
+            try:
+                validate_conversation(conversation)
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{line_no}: {e}") from None
+            self.conversations.append({"messages": conversation["messages"]})
 
     def num_examples(self) -> int:
         return len(self.conversations)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,23 +77,29 @@ class Rows:
         return f"{file}:{rows[row]['__line__'] if isinstance(rows, list) else row}"
 
 
-def _read_jsonl(file: str, columns: Sequence[str]) -> list[dict]:
-    rows = []
-    with open(file, encoding="utf-8") as f:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file; ValueError naming `path:line` for a line
+    that is not JSON."""
+    with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [c for c in columns if c not in row]
-            if missing:
-                raise ValueError(f"{file}:{line_no}: missing field(s) {missing} (has {sorted(row)})")
-            row["__line__"] = line_no
-            rows.append(row)
+                raise ValueError(f"{os.fspath(path)}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_jsonl(file: str, columns: Sequence[str]) -> list[dict]:
+    rows = []
+    for line_no, row in iter_jsonl(file):
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise ValueError(f"{file}:{line_no}: missing field(s) {missing} (has {sorted(row)})")
+        row["__line__"] = line_no
+        rows.append(row)
     return rows
 
 
