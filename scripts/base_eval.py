@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from tritonchat.engine.checkpoint import config_from_meta, load_meta, load_model, meta_path, model_path
+from tritonchat.engine.checkpoint import load_model, model_path
 from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
 from tritonchat.engine.paths import atomic_write, get_base_dir
 from tritonchat.engine.report import update_report
-from tritonchat.engine.tokenizer import Tokenizer
-from tritonchat.scripts.chat_cli import find_checkpoint
+from tritonchat.scripts.chat_cli import checkpoint_and_tokenizer
 from tritonchat.tasks import core
 from tritonchat.train.dist import barrier, destroy_distributed, init_distributed
 from tritonchat.train.progress import Heartbeat
@@ -76,14 +75,7 @@ def _main(argv=None) -> int:
     device = resolve_device(args.device)
     check_impl(args.impl, device)
     base_dir = Path(args.base_dir or get_base_dir())
-    ckpt_dir, step = find_checkpoint(args, base_dir)
-    tokenizer_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    vocab = config_from_meta(load_meta(ckpt_dir, step)["model_config"]).vocab_size
-    if tokenizer.get_vocab_size() != vocab:
-        raise UsageError(f"vocabulary mismatch: the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} "
-                         f"tokens, the checkpoint {meta_path(ckpt_dir, step)} was trained with {vocab}: pass the "
-                         f"matching --tokenizer-dir or --checkpoint-dir")
+    ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     bundle_dir = Path(args.bundle_dir) if args.bundle_dir else base_dir / core.BUNDLE_DIR_NAME
     if args.bundle_dir and not core.bundle_ready(bundle_dir):
         raise UsageError(f"--bundle-dir {bundle_dir}: no core.yaml there")

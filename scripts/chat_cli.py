@@ -100,20 +100,27 @@ def find_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int
     return ckpt_dir, step
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
-    """The engine, the tokenizer, and a line that says what was loaded. Raises UsageError, CheckpointError or
-    FileNotFoundError (each naming the flag or the file) for what the user can fix."""
-    device = resolve_device(args.device)
-    check_impl(args.impl, device)
-    base_dir = Path(args.base_dir or get_base_dir())
+def checkpoint_and_tokenizer(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int, Tokenizer]:
+    """The checkpoint to load (`find_checkpoint`) and the tokenizer (--tokenizer-dir, else <base>/tokenizer),
+    refusing in one line a tokenizer whose vocabulary is not the checkpoint's."""
     ckpt_dir, step = find_checkpoint(args, base_dir)
-    tokenizer_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
+    tokenizer_dir = Path(getattr(args, "tokenizer_dir", None) or base_dir / "tokenizer")
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     vocab = config_from_meta(load_meta(ckpt_dir, step)["model_config"]).vocab_size
     if tokenizer.get_vocab_size() != vocab:
         raise UsageError(f"vocabulary mismatch: the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} "
                          f"tokens, the checkpoint {meta_path(ckpt_dir, step)} was trained with {vocab}: pass the "
                          f"matching --tokenizer-dir or --checkpoint-dir")
+    return ckpt_dir, step, tokenizer
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
+    """The engine, the tokenizer, and a line that says what was loaded. Raises UsageError, CheckpointError or
+    FileNotFoundError (each naming the flag or the file) for what the user can fix."""
+    device = resolve_device(args.device)
+    check_impl(args.impl, device)
+    base_dir = Path(args.base_dir or get_base_dir())
+    ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     model, meta = load_model(ckpt_dir, step, device=device, impl=args.impl)
     model.eval()
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,

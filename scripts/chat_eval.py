@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from tritonchat.engine.checkpoint import find_last_step, find_latest_checkpoint, load_model
+from tritonchat.engine.checkpoint import load_model
 from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
 from tritonchat.engine.paths import atomic_write, get_base_dir
 from tritonchat.engine.report import update_report
-from tritonchat.engine.tokenizer import Tokenizer
+from tritonchat.scripts.chat_cli import SOURCES, checkpoint_and_tokenizer
 from tritonchat.train.dist import all_reduce_sum, destroy_distributed, init_distributed
 
 PROG = command_name("scripts.chat_eval")
-SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 # name -> (module, class, kwargs, random baseline of its accuracy)
 TASKS = {
     "ARC-Easy": ("tritonchat.tasks.arc", "ARC", {"subset": "ARC-Easy", "split": "test"}, 0.25),
@@ -88,22 +87,6 @@ def evaluate_generative(engine, tokenizer, task, indices: list[int], batch_size:
     return out
 
 
-def find_source(args, base_dir: Path) -> tuple[Path, int]:
-    if args.checkpoint_dir:
-        d = Path(args.checkpoint_dir)
-        if not d.is_dir():
-            raise UsageError(f"--checkpoint-dir {d}: no such folder")
-        return d, args.step if args.step is not None else find_last_step(d)
-    order = [args.source] if args.source else ["sft", "base"]
-    for source in order:
-        try:
-            d, step = find_latest_checkpoint(base_dir / SOURCES[source])
-        except FileNotFoundError:
-            continue
-        return d, args.step if args.step is not None else step
-    raise UsageError(f"no complete checkpoint in {', '.join(str(base_dir / SOURCES[s]) for s in order)}")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("-i", "--source", choices=sorted(SOURCES), default=None,
@@ -150,12 +133,9 @@ def _main(argv=None) -> int:
 
 def _evaluate(args, device, impl, info) -> int:
     base_dir = Path(args.base_dir) if args.base_dir else Path(get_base_dir())
-    ckpt_dir, step = find_source(args, base_dir)
-    tokenizer = Tokenizer.from_directory(base_dir / "tokenizer")
+    # chat_cli's rule: --checkpoint-dir, else -i (default sft when there is one); the vocabularies must agree
+    ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     model, meta = load_model(ckpt_dir, step, device=device, impl=impl)
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise UsageError(f"the tokenizer in {base_dir / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens, the "
-                         f"checkpoint {ckpt_dir} only {model.config.vocab_size}")
     model.eval()
     if info.is_main:
         print(f"{PROG}: {ckpt_dir} step {step} on {device}, impl {impl}, {info.world_size} rank(s)", file=sys.stderr)
