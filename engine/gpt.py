@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tritonchat import kernels
 
@@ -155,6 +156,8 @@ class GPT(nn.Module):
             raise ValueError(f"GPT takes impl='torch' or 'triton' (build_model resolves 'auto'), got {impl!r}")
         self.config, self.impl = config, impl
         self.check_ids = True  # validate token ids and targets in forward (see _check_idx)
+        self.recompute = False  # training: keep only each block's input, recompute the rest in backward
+        self.activation_dtype: torch.dtype | None = None  # None: the embedding tables' dtype
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * HEAD_DIM
         self.transformer = nn.ModuleDict(
@@ -214,14 +217,18 @@ class GPT(nn.Module):
         if compute_dtype is not None:
             self.set_compute_dtype(compute_dtype)
 
-    def set_compute_dtype(self, dtype: torch.dtype) -> None:
-        """Store the embedding tables in the activation dtype; Linear weights stay fp32 masters."""
-        self.transformer.wte.to(dtype=dtype)
-        self.value_embeds.to(dtype=dtype)
+    def set_compute_dtype(self, dtype: torch.dtype, embedding_dtype: torch.dtype | None = None) -> None:
+        """Activations in `dtype`; the embedding tables stored in `embedding_dtype` (default: `dtype`, SPEC §3) and
+        cast to `dtype` on lookup. Linear weights stay fp32 masters."""
+        emb = dtype if embedding_dtype is None else embedding_dtype
+        self.transformer.wte.to(dtype=emb)
+        self.value_embeds.to(dtype=emb)
+        self.activation_dtype = None if emb == dtype else dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.transformer.wte.weight.dtype
+        """The activation dtype."""
+        return self.activation_dtype or self.transformer.wte.weight.dtype
 
     # ---- accounting -------------------------------------------------------------------------
     def num_params(self) -> dict[str, int]:
@@ -263,6 +270,14 @@ class GPT(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
 
+    def _layer(self, i: int, x, x0, idx, cos, sin, cache) -> torch.Tensor:
+        """Layer i: the fused residual entry (x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass),
+        the value embedding, the block."""
+        impl = self.impl
+        x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=impl)
+        ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+        return self.transformer.h[i](x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean", cache=None
     ) -> torch.Tensor:
@@ -281,21 +296,22 @@ class GPT(nn.Module):
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:  # every token's rotary angles at its absolute position: (B, T, 1, D/2)
             cos, sin = self.cos[0, cache.positions], self.sin[0, cache.positions]
-        x = norm(self.transformer.wte(idx), impl)  # (B, T, C) in the compute dtype
+        act = self.compute_dtype
+        x = norm(self.transformer.wte(idx).to(act), impl)  # (B, T, C) in the compute dtype
         if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache
             has_prev = (cache.prev_tokens >= 0)[:, None, None]
-            x_first = norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]), impl) * has_prev
+            x_first = norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act), impl) * has_prev
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
             x = x + gate * torch.cat([x_first, x[:, :-1]], dim=1)
         elif T > 1:  # smear: mix the previous token's embedding in, gated by the current one
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0, x_mid = x, None
-        for i, block in enumerate(self.transformer.h):
-            # residual entry, fused: x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass
-            x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=impl)
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
+        for i in range(self.config.n_layer):
+            if self.recompute and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._layer, i, x, x0, idx, cos, sin, None, use_reentrant=False)
+            else:
+                x = self._layer(i, x, x0, idx, cos, sin, cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if x_mid is not None:
@@ -314,11 +330,12 @@ class GPT(nn.Module):
 
 
 def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,
-                init: bool = True) -> GPT:
+                init: bool = True, embedding_dtype: torch.dtype | None = None) -> GPT:
     """Build on the meta device (no allocation), materialize on `device`, initialize.
 
     impl: "auto" (Triton kernels where they run on `device`, see `kernels.resolve_impl`), "torch" or "triton";
-    resolved here, once. compute_dtype defaults to bf16 on CUDA and fp32 elsewhere."""
+    resolved here, once. compute_dtype (the activations) defaults to bf16 on CUDA and fp32 elsewhere;
+    embedding_dtype (the storage of wte and value_embeds) to compute_dtype."""
     device = torch.device(device)
     impl = kernels.resolve_impl(impl, device)
     if compute_dtype is None:
@@ -327,10 +344,10 @@ def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dt
         model = GPT(config, impl=impl)
     model.to_empty(device=device)
     if init:
-        model.init_weights(compute_dtype)
+        model.init_weights()
     else:
-        model.set_compute_dtype(compute_dtype)
         cos, sin = model._rotary_tables(model.rotary_seq_len, device=device)
         model.cos.copy_(cos)
         model.sin.copy_(sin)
+    model.set_compute_dtype(compute_dtype, embedding_dtype)
     return model

@@ -180,6 +180,18 @@ def _no_kernel_reason(q: torch.Tensor) -> Exception | None:
     return dtype_error("q", q, _KERNEL_DTYPES)
 
 
+def _scores_bounded(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> bool:
+    """True when every score q.k * scale is finite and positive scale: then SDPA's boolean mask (added as -inf)
+    gives exactly the masked softmax. A NaN or inf in q or k, or scores that could overflow, take the explicit
+    path, where a masked key's inf or NaN never reaches a visible one."""
+    if scale is not None and scale <= 0 or q.numel() == 0 or k.numel() == 0:
+        return False
+    f = torch.promote_types(q.dtype, torch.float32)
+    sm = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    bound = q.detach().abs().amax().to(f) * k.detach().abs().amax().to(f) * (q.size(-1) * sm)
+    return bool(bound < torch.finfo(f).max / 4)  # NaN compares False
+
+
 def attention_mask(tq: int, tk: int, window: int | None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where query i (at position Tk - Tq + i) may attend to key j."""
     q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
@@ -286,6 +298,9 @@ def flash_attention_ref(
     elif tq == tk and (window is None or window >= tk - 1) and (scale is None or scale > 0):
         # SDPA's is_causal path returns NaN for scale <= 0 (the explicit mask below does not)
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    elif _scores_bounded(qt, kt, scale):  # SDPA's fused masked path: no (Tq, Tk) scores are kept for backward
+        mask = attention_mask(tq, tk, window, device=q.device)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     else:  # an explicit masked softmax: SDPA adds a boolean mask as -inf, so an inf score at a masked key is NaN
         mask = attention_mask(tq, tk, window, device=q.device)
         sm = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale

@@ -212,8 +212,8 @@ def _cautious_update_kernel(
 def _adamw_kernel(
     p_ptr,  # (numel,) parameter, any float dtype, updated in place
     g_ptr,  # (numel,) gradient, any float dtype
-    m_ptr,  # (numel,) fp32 first moment, updated in place
-    v_ptr,  # (numel,) fp32 second moment, updated in place
+    m_ptr,  # (numel,) first moment (fp32, or bf16 beside a bf16 parameter), updated in place
+    v_ptr,  # (numel,) second moment (same), updated in place
     numel,  # elements
     decay,  # 1 - lr * wd
     w1, w2,  # 1 - beta1, 1 - beta2
@@ -225,12 +225,12 @@ def _adamw_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = _lerp(tl.load(m_ptr + offs, mask=mask, other=0.0), g, w1)
-    v = _lerp(tl.load(v_ptr + offs, mask=mask, other=0.0), g * g, w2)
+    m = _lerp(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, w1)
+    v = _lerp(tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), g * g, w2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
-    p = p + step_size * m / (tl.sqrt(v / bc2) + eps)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    p = p + step_size * m / (tl.sqrt(v / bc2) + eps)  # from the fp32 moments, before they are stored
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -276,6 +276,24 @@ def _tile(contig: int, other: int, cuda: bool) -> tuple[int, int]:
 
 def _elementwise_block(numel: int, cuda: bool) -> int:
     return 1024 if cuda else max(16, min(triton.next_power_of_2(numel), 65536))
+
+
+_ADAMW_REF_CHUNK = 1 << 22  # elements per chunk of adamw_step_ref off a GPU
+
+
+def _adamw_math(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd) -> None:
+    g = grad.float()
+    m, v = exp_avg.float(), exp_avg_sq.float()  # the state itself when fp32 (updated in place)
+    m.lerp_(g, 1 - beta1)
+    v.lerp_(g.square(), 1 - beta2)
+    pf = p.float() * (1 - lr * wd)
+    denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+    pf.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    p.copy_(pf)
+    if m is not exp_avg:  # 16-bit moments: rounded once, after the update read them in fp32
+        exp_avg.copy_(m)
+    if v is not exp_avg_sq:
+        exp_avg_sq.copy_(v)
 
 
 def _check_pre_args(grad_stack, momentum_buf, mu, out_dtype, dtype_name: str = "out_dtype") -> None:
@@ -378,9 +396,10 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     """One AdamW update, IN PLACE on p, exp_avg and exp_avg_sq (one launch).
 
     p: any shape, contiguous, any float dtype (math in fp32, stored back in p's dtype). grad: p's shape, any float
-    dtype. exp_avg, exp_avg_sq: p's shape, contiguous fp32. step: this update's 1-based count t (bias corrections
-    1 - beta^t). p = p (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 - beta2^t)) + eps) with m, v the updated
-    moments.
+    dtype. exp_avg, exp_avg_sq: p's shape, contiguous, fp32 (or bf16 when p is bf16: the reference's storage for
+    its bf16 embedding tables; the update reads the fp32 moments before they are rounded). step: this update's
+    1-based count t (bias corrections 1 - beta^t). p = p (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 -
+    beta2^t)) + eps) with m, v the updated moments.
     """
     check_tensor("p", p)
     if not p.is_contiguous():
@@ -390,8 +409,11 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
         raise ValueError(f"grad must have shape {tuple(p.shape)}, got {tuple(grad.shape)}")
     check_same_device(p=p, grad=grad)
     grad = grad.contiguous()  # any layout: the kernel reads it flat
-    _check_state("exp_avg", exp_avg, p.shape, p)
-    _check_state("exp_avg_sq", exp_avg_sq, p.shape, p)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_state(name, t, p.shape, p, fp32=False)
+        if t.dtype != torch.float32 and not (t.dtype == torch.bfloat16 == p.dtype):
+            raise TypeError(f"{name} must be float32 (or bfloat16 beside a bfloat16 p), got {t.dtype} "
+                            f"for a {p.dtype} p")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1, got {step!r}")
     check_number("lr", lr, lo=0.0)  # the domains of torch.optim.AdamW
@@ -459,14 +481,16 @@ def muon_post_ref(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch
 
 def adamw_step_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                    lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
-    """Reference of `adamw_step_`: train/optim.py's AdamW update. Updates p, exp_avg, exp_avg_sq in place."""
-    g = grad.float()
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.lerp_(g.square(), 1 - beta2)
-    pf = p.float() * (1 - lr * wd)
-    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
-    pf.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-    p.copy_(pf)
+    """Reference of `adamw_step_`: train/optim.py's AdamW update. Updates p, exp_avg, exp_avg_sq in place.
+    Off a GPU a large tensor is updated in flat chunks (elementwise math: the same result), so the fp32
+    temporaries stay a few MB instead of several copies of the parameter."""
+    flat = lambda t: t.view(-1) if t.is_contiguous() else None
+    views = [flat(p), grad.reshape(-1), flat(exp_avg), flat(exp_avg_sq)]
+    n = p.numel()
+    if p.is_cuda or n <= _ADAMW_REF_CHUNK or any(v is None for v in views):
+        return _adamw_math(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
+    for a in range(0, n, _ADAMW_REF_CHUNK):
+        _adamw_math(*(v[a:a + _ADAMW_REF_CHUNK] for v in views), step, lr, beta1, beta2, eps, wd)
 
 
 def muon_step_ref(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_buf: torch.Tensor,

@@ -48,11 +48,12 @@ from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
 from tritonchat.scripts.chat_cli import SOURCES
 from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train import reference
+from tritonchat.train.config import CPU_ACTIVATION_BYTES, activation_bytes
 from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
-from tritonchat.train.setup import check_impl, resolve_dtype
+from tritonchat.train.setup import check_impl, release_freed_memory, resolve_dtype, resolve_embedding_dtype
 
 PROG = command_name("scripts.chat_sft")
 SINGLE = DistInfo()
@@ -466,7 +467,10 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         if not info.is_main:
             hb = Heartbeat(None)
         dtype = resolve_dtype(args.dtype, device)
+        emb_dtype = resolve_embedding_dtype(args.embedding_dtype)
         impl = check_impl(args.impl, device)
+        if device.type == "cpu":
+            release_freed_memory()
         base_dir = Path(args.base_dir or get_base_dir())
         tok_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
         if not (tok_dir / "tokenizer.pkl").exists():
@@ -513,8 +517,15 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                                  f" rank(s), this job has {info.world_size}")
         else:
             model_state, _, _ = load_checkpoint(src, src_step, device=device)
-        model = build_model(config, device=device, impl=impl, compute_dtype=dtype, init=False)
+        model = build_model(config, device=device, impl=impl, compute_dtype=dtype, init=False,
+                            embedding_dtype=emb_dtype)
         model.load_state_dict(patch_state_dict(model_state, model), strict=True)
+        act_bytes = activation_bytes(config, B * T)
+        model.recompute = args.recompute == "on" or (args.recompute == "auto" and device.type == "cpu"
+                                                     and act_bytes > CPU_ACTIVATION_BYTES)
+        if model.recompute and args.recompute == "auto":
+            hb.say(f"  recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
+                   f"of them; --recompute=off keeps them)")
         model.check_ids = device.type != "cuda"
         del model_state
         groups = build_param_groups(model, s.unembedding_lr, s.embedding_lr, s.matrix_lr, s.scalar_lr, 0.0, 1.0)
@@ -705,6 +716,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    p.add_argument("--embedding-dtype", default="auto",
+                   help="storage of wte and value_embeds and their AdamW moments: auto (bf16 on every device), "
+                        "bfloat16, float32")
+    p.add_argument("--recompute", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each block's activations in backward (auto: on a CPU when a micro-batch would "
+                        "keep over 1 GiB of them)")
     p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
                    help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -22,6 +22,8 @@ GPU_DEVICE_BATCH = 32  # rows of T tokens per micro-batch per GPU (SPEC §7)
 CPU_MICRO_TOKENS = 2048  # tokens per micro-batch on a CPU: one 2048-token row, a step of seconds at depth 4
 EVAL_TOKENS = 80 * B_REF  # the recipe's validation size (SPEC §7)
 CPU_EVAL_MICRO_BATCHES = 4  # validation on a CPU: four micro-batches per rank
+CPU_ACTIVATION_BYTES = 1 << 30  # a CPU micro-batch's activations above this: recompute them in backward
+ACTIVATION_FLOATS = 22  # fp32 values autograd keeps per token, layer and channel (measured at depth 12, T=2048)
 EVAL_EVERY = 250  # the recipe's validation cadence, in steps
 
 
@@ -52,6 +54,8 @@ class TrainConfig:
     resume_from_step: int = -1
     device: str = "auto"
     dtype: str = "auto"
+    embedding_dtype: str = "auto"
+    recompute: str = "auto"
     impl: str = "auto"
     seed: int = 42
     data: str = ""
@@ -82,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"--log-every must be >= 1, got {self.log_every}")
         if not self.run:
             raise ValueError("--run must name the run (a non-empty string)")
+        if self.recompute not in ("auto", "on", "off"):
+            raise ValueError(f"--recompute must be auto, on or off, got {self.recompute!r}")
 
 
 @dataclass
@@ -100,6 +106,7 @@ class TrainPlan:
     flops_per_token: int
     eval_tokens: int
     eval_one_pass: bool  # stop the validation at the end of the split (one pass at most)
+    recompute: bool = False  # recompute each block's activations in backward (see GPT.recompute)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -118,6 +125,12 @@ def model_config_for(cfg: TrainConfig, vocab_size: int, depth: int | None = None
     if cfg.n_kv_head > 0:
         overrides["n_kv_head"] = cfg.n_kv_head
     return GPTConfig.from_depth(cfg.depth if depth is None else depth, **overrides)
+
+
+def activation_bytes(config: GPTConfig, tokens: int) -> int:
+    """About what autograd keeps for one forward of `tokens` tokens in fp32: ACTIVATION_FLOATS per token, layer
+    and channel (attention inputs and output, the MLP's 4C hidden twice, the norms' inputs)."""
+    return ACTIVATION_FLOATS * 4 * tokens * config.n_layer * config.n_embd
 
 
 def _meta_model(config: GPTConfig) -> GPT:
@@ -151,6 +164,14 @@ def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1, d
         B_micro = max(1, CPU_MICRO_TOKENS // cfg.max_seq_len) if cpu else GPU_DEVICE_BATCH
         notes.append(f"micro-batch {B_micro} x {cfg.max_seq_len} tokens (derived for {device_type})")
     tokens_per_micro = B_micro * cfg.max_seq_len * world_size
+    # Activations: a CPU keeps a micro-batch's activations under ~1 GiB (a laptop's share) by recomputing each
+    # block in backward, at the cost of one more forward (the trade of Chen et al. 2016, "Training Deep Nets with
+    # Sublinear Memory Cost"); a GPU holds the recipe's micro-batch.
+    act_bytes = activation_bytes(model_config, B_micro * cfg.max_seq_len)
+    recompute = cfg.recompute == "on" or (cfg.recompute == "auto" and cpu and act_bytes > CPU_ACTIVATION_BYTES)
+    if cfg.recompute == "auto" and recompute:
+        notes.append(f"recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
+                     f"of them; --recompute=off keeps them)")
     # Batch: the optimal batch grows with the token horizon as a power law (nanochat's fit, D^0.383, anchored at
     # 2^19 tokens for d12; cf. the batch-size power laws of Kaplan et al. 2020 and DeepSeek LLM, Bi et al. 2024),
     # rounded to a power of two. On a CPU that batch (2^18+ tokens) would take minutes per step, so it is one
@@ -194,7 +215,8 @@ def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1, d
     return TrainPlan(model_config=model_config, device_batch_size=B_micro, total_batch_size=B,
                      grad_accum_steps=grad_accum, num_iterations=steps, lr_scale=lr_scale, matrix_weight_decay=wd,
                      scaling_params=P, target_tokens=D, flops_per_token=model.flops_per_token(),
-                     eval_tokens=eval_tokens, eval_one_pass=cfg.eval_tokens == -1, notes=notes)
+                     eval_tokens=eval_tokens, eval_one_pass=cfg.eval_tokens == -1, recompute=recompute,
+                     notes=notes)
 
 
 # ---- schedules (pure functions of the step) ----------------------------------------------------
@@ -258,6 +280,10 @@ _HELP = {
     "resume_from_step": "resume from the checkpoint at this step (-1: start fresh)",
     "device": "auto | cpu | cuda | cuda:N",
     "dtype": "auto | bfloat16 | float32 (activation dtype; auto: bf16 on CUDA, fp32 on CPU)",
+    "embedding_dtype": "auto | bfloat16 | float32: storage of wte and value_embeds and their AdamW moments (auto: "
+                       "bf16 on every device, the recipe's GPU storage; float32 is the reference's CPU storage)",
+    "recompute": "auto | on | off: recompute each block's activations in backward (auto: on a CPU when a "
+                 "micro-batch would keep over 1 GiB of them)",
     "impl": "auto | torch | triton (op implementations; triton needs CUDA or TRITON_INTERPRET=1)",
     "seed": "seed of the weight initialization",
     "data": "folder of parquet or .txt files (empty: the embedded corpus)",

@@ -41,8 +41,10 @@ from tritonchat.train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: 
     epochs_warning,
     load_tokenizer,
     peak_flops,
+    release_freed_memory,
     resolve_device,
     resolve_dtype,
+    resolve_embedding_dtype,
 )
 
 SINGLE = DistInfo()  # a single process
@@ -228,9 +230,12 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     if not info.is_main:
         hb = Heartbeat(None)
     dtype = resolve_dtype(cfg.dtype, device)
+    emb_dtype = resolve_embedding_dtype(cfg.embedding_dtype)
     impl = check_impl(cfg.impl, device)  # once, for the model and the optimizer alike
-    if device.type == "cpu" and (warning := cpu_contention(torch.get_num_threads())):
-        hb.say(warning)
+    if device.type == "cpu":
+        release_freed_memory()
+        if warning := cpu_contention(torch.get_num_threads()):
+            hb.say(warning)
     base_dir = Path(cfg.base_dir or get_base_dir())
     tokenizer, token_bytes = load_tokenizer(base_dir)
     data_dir, files = _data_files(cfg, base_dir, info, hb)
@@ -240,7 +245,8 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
 
     hb.doing("building the model")
     torch.manual_seed(cfg.seed)
-    model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype)
+    model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype, embedding_dtype=emb_dtype)
+    model.recompute = plan.recompute
     # Batches come from this tokenizer, whose ids are < vocab_size: skip the per-forward host sync on CUDA.
     model.check_ids = device.type != "cuda"
     if info.enabled:  # identical starting weights on every rank
@@ -253,7 +259,8 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     train_files, val_files = data.split_files(files, "train"), data.split_files(files, "val")
     counts = model.num_params()
     hb.say(f"run {cfg.run}: depth {cfg.depth}, {counts['total']:,} params ({counts['scaling']:,} scaling), "
-           f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype}, impl={impl}, ranks {info.world_size}")
+           f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype} (tables {emb_dtype}), impl={impl}, "
+           f"ranks {info.world_size}")
     for note in plan.notes:
         hb.say("  " + note)
     hb.say(f"  grad accumulation {plan.grad_accum_steps} x {plan.device_batch_size} x {cfg.max_seq_len} tokens x "

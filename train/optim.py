@@ -23,7 +23,7 @@ class MuonAdamW(torch.optim.Optimizer):
     overlaps the compute of earlier groups. Gradients are averaged over ranks."""
 
     SHARD_MIN_NUMEL = 4096  # smaller AdamW tensors are all-reduced and updated whole on every rank
-    CPU_STACK_NUMEL = 1 << 24  # elements of one Muon stack on a CPU (single process): 64 MB per fp32 copy
+    CPU_STACK_NUMEL = 1 << 22  # elements of one Muon stack on a CPU (single process): 16 MB per fp32 copy
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
                  rank: int = 0, world_size: int = 1) -> None:
@@ -146,10 +146,11 @@ class MuonAdamW(torch.optim.Optimizer):
         `view`: update this contiguous shard of p instead (in place)."""
         target = p if view is None else view
         state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(target, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(target, dtype=torch.float32)
+        if not state:  # moments in fp32, or bf16 beside a bf16 table (the reference's storage; what
+            state["step"] = 0  # Optimizer.load_state_dict casts them to on resume)
+            dtype = torch.bfloat16 if target.dtype == torch.bfloat16 else torch.float32
+            state["exp_avg"] = torch.zeros_like(target, dtype=dtype)
+            state["exp_avg_sq"] = torch.zeros_like(target, dtype=dtype)
         state["step"] += 1
         kernels.adamw_step_(target, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"],
                             group["lr"], *group["betas"], group["eps"], group["weight_decay"], impl=self.impl)

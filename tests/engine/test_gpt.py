@@ -179,3 +179,59 @@ def test_triton_impl_matches_torch_under_interpreter():
     for (name, a), b in zip(ref.named_parameters(), tri.parameters()):
         torch.testing.assert_close(b.grad, a.grad, **tol("model_grad", torch.float32),
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs (parameters excluded)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+def test_bf16_tables_with_fp32_activations():
+    """Tables stored in bf16, activations in fp32: the forward is exactly the fp32 model's whose tables hold the same
+    (bf16-rounded) values; the logits are fp32, the Linear masters stay fp32."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_depth(2, vocab_size=64, sequence_len=16)
+    a = build_model(cfg, compute_dtype=torch.float32, embedding_dtype=torch.bfloat16)
+    assert a.compute_dtype == torch.float32 and a.transformer.wte.weight.dtype == torch.bfloat16
+    assert all(e.weight.dtype == torch.bfloat16 for e in a.value_embeds.values())
+    assert a.lm_head.weight.dtype == torch.float32
+    b = build_model(cfg, compute_dtype=torch.float32)
+    b.load_state_dict(a.state_dict())  # copies the bf16 values into fp32 tables
+    idx = torch.randint(0, 64, (2, 16))
+    la, lb = a(idx), b(idx)
+    assert la.dtype == torch.float32
+    assert torch.equal(la, lb)
+    a(idx, idx).backward()
+    assert a.transformer.wte.weight.grad.dtype == torch.bfloat16
+
+
+def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less():
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_depth(2, vocab_size=64, sequence_len=64)
+    model = build_model(cfg)
+    idx = torch.randint(0, 64, (2, 65))
+    results = []
+    for recompute in (False, True):
+        model.recompute = recompute
+        loss, saved = _saved_bytes(lambda: model(idx[:, :-1], idx[:, 1:]))
+        loss.backward()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = sum(n for ptr, n in saved.items() if ptr not in weights)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, kept))
+        model.zero_grad(set_to_none=True)
+    (l0, g0, k0), (l1, g1, k1) = results
+    assert torch.equal(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-7, rtol=1e-6, msg=n)
+    assert k1 < 0.5 * k0, (k0, k1)  # each block's input instead of its activations
+    with torch.no_grad():  # inference never recomputes
+        model.recompute = True
+        assert torch.equal(model(idx[:, :-1]), model(idx[:, :-1]))

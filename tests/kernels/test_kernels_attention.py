@@ -379,3 +379,37 @@ def test_tiny_model_trains_like_reference(monkeypatch):
 
 def _force_reference(op, *args, impl="auto", **kwargs):
     return op(*args, impl="torch", **kwargs)
+
+
+def test_windowed_ref_keeps_no_score_matrix_and_matches_the_explicit_softmax(monkeypatch):
+    """A sliding window on finite inputs goes through SDPA's fused masked path: nothing of size H x Tq x Tk is kept
+    for backward (one shared Tq x Tk mask at most), and output and gradients equal the explicit masked softmax."""
+    from tritonchat.kernels import attention as A
+
+    torch.manual_seed(0)
+    B, T, H, D, window = 1, 256, 4, 32, 64
+    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = flash_attention_ref(q, k, v, window=window)
+    assert max(sizes) < H * T * T, max(sizes)
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    bounded = A._scores_bounded
+    monkeypatch.setattr(A, "_scores_bounded", lambda *a: False)  # the explicit path
+    y2 = flash_attention_ref(q, k, v, window=window)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+    assert bounded(q.detach(), k.detach(), None)
+    assert not bounded(q.detach(), k.detach().clone().index_fill_(1, torch.tensor([3]), float("nan")), None)
+    assert not bounded(q.detach(), k.detach() * 1e37, None)  # scores that could overflow fp32
+    assert not bounded(q.detach(), k.detach(), -1.0)

@@ -1505,6 +1505,11 @@ def _muon_cases():
     add(op, "grad_int", mk(base, grad=lambda: torch.ones(3, 8, dtype=I64)), Err("grad"))
     add(op, "grad_python_float", mk(base, grad=0.5), Err("grad"))
     add(op, "exp_avg_fp16", mk(base, exp_avg=lambda: rnd(3, 8, dtype=F16)), Err("exp_avg"))
+    add(op, "exp_avg_bf16_fp32_p", mk(base, exp_avg=lambda: rnd(3, 8, dtype=BF16)), Err("exp_avg"))
+    add(op, "bf16_p_and_moments", mk(base, p=lambda: rnd(3, 8, dtype=BF16),
+                                     exp_avg=lambda: rnd(3, 8, seed=2, scale=0.1, dtype=BF16),
+                                     exp_avg_sq=lambda: (rnd(3, 8, seed=3).abs() * 0.01).to(BF16)),
+        Ref(atol=1e-2, rtol=1e-2))
     add(op, "exp_avg_shape", mk(base, exp_avg=lambda: rnd(24)), Err("exp_avg"))
     add(op, "exp_avg_non_contiguous", mk(base, exp_avg=lambda: rnd(8, 3).t()), Err("exp_avg"))
     add(op, "exp_avg_sq_numpy", mk(base, exp_avg_sq=lambda: np.zeros((3, 8), np.float32)), Err("exp_avg_sq"))

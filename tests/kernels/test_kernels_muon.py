@@ -111,6 +111,48 @@ def test_adamw_matches_ref(shape, p_dtype, step):
     assert not torch.equal(f[0], p) and not torch.equal(f[2], m)
 
 
+@pytest.mark.parametrize("step", [1, 9])
+def test_adamw_bf16_moments(step):
+    """bf16 moments beside a bf16 parameter (the reference's storage for its bf16 tables): both paths update p from
+    the fp32 moments and round them once; equal to a float64 oracle within bf16 rounding."""
+    shape = (37, 53)
+    p = rand32(*shape, seed=step).bfloat16()
+    g = rand32(*shape, seed=step + 1, scale=0.3).bfloat16()
+    m = rand32(*shape, seed=step + 2, scale=0.1).bfloat16()
+    v = rand32(*shape, seed=step + 3, scale=0.1).square().bfloat16()
+    hp = dict(lr=0.01, beta1=0.8, beta2=0.95, eps=1e-10, wd=0.05)
+    m64 = torch.lerp(m.double(), g.double(), 1 - hp["beta1"])
+    v64 = torch.lerp(v.double(), g.double().square(), 1 - hp["beta2"])
+    p64 = p.double() * (1 - hp["lr"] * hp["wd"]) - hp["lr"] / (1 - hp["beta1"] ** step) * m64 / (
+        (v64 / (1 - hp["beta2"] ** step)).sqrt() + hp["eps"])
+    for impl in ("torch", "triton"):
+        f = [p.clone(), g, m.clone(), v.clone()]
+        adamw_step_(*f, step, **hp, impl=impl)
+        assert all(t.dtype == torch.bfloat16 for t in f)
+        # one bf16 rounding (2^-8 relative) on each, toward zero in the interpreter
+        torch.testing.assert_close(f[2].double(), m64, atol=1e-5, rtol=2 ** -7)
+        torch.testing.assert_close(f[3].double(), v64, atol=1e-7, rtol=2 ** -7)
+        torch.testing.assert_close(f[0].double(), p64, atol=1e-5, rtol=2 ** -7)
+    with pytest.raises(TypeError, match="exp_avg must be float32"):
+        adamw_step_(p.float(), g, m.clone(), v.float(), step, **hp)
+
+
+def test_adamw_ref_chunks_equal_whole():
+    """Off a GPU the reference updates a large tensor chunk by chunk: bitwise the same as one pass."""
+    from tritonchat.kernels import muon as M
+
+    n = M._ADAMW_REF_CHUNK * 2 + 12345
+    p, g = rand32(n, seed=1), rand32(n, seed=2, scale=0.3)
+    m, v = rand32(n, seed=3, scale=0.1), rand32(n, seed=4, scale=0.1).square()
+    a = [p.clone(), g, m.clone(), v.clone()]
+    b = [p.clone(), g, m.clone(), v.clone()]
+    adamw_step_ref(*a, 3, 0.01, 0.8, 0.95, 1e-10, 0.05)
+    M._adamw_math(*b, 3, 0.01, 0.8, 0.95, 1e-10, 0.05)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], p)
+
+
 def test_muon_step_matches_ref():
     """muon_pre + polar_express + muon_post (all Triton) against the reference composition, on a tall stack
     (every kind runs through muon_step_ in the optimizer-step test below)."""
@@ -179,8 +221,9 @@ def _fused_step(groups, state):
         if group["kind"] == "adamw":
             (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
             for p in group["params"]:
-                st = state.setdefault(p, dict(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                                              exp_avg_sq=torch.zeros_like(p, dtype=torch.float32)))
+                mdt = torch.bfloat16 if p.dtype == torch.bfloat16 else torch.float32  # as train/optim.py keeps them
+                st = state.setdefault(p, dict(step=0, exp_avg=torch.zeros_like(p, dtype=mdt),
+                                              exp_avg_sq=torch.zeros_like(p, dtype=mdt)))
                 st["step"] += 1
                 adamw_step_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], lr, b1, b2, eps, wd,
                             impl="triton")
@@ -214,14 +257,24 @@ def test_full_optimizer_step_matches_train_optim():
                 if gr["kind"] == "adamw":
                     if pr.dtype == torch.float32:
                         torch.testing.assert_close(pf, pr, **tol("optimizer_step", F32))
-                    else:  # each step's bf16 store may land one step (<= 2^-7 |p|) apart, see test_adamw_matches_ref
+                    else:  # each step's bf16 store may land one step (<= 2^-7 |p|) apart, see test_adamw_matches_ref,
+                        # and the bf16 moments one rounding apart, which moves an update (~lr) by ~2^-7 lr
                         bound = tol("optimizer_step", BF16)["rtol"] * (olds[k].abs() + pr.detach().abs()).float()
+                        bound = bound + step * gr["lr"] * 2**-7
                         assert ((pf.detach() - pr.detach()).float().abs() <= bound).all()
-                    # moments of gradients ~1e-2: fp32 ulps are ~1e-9 (m) and ~1e-11 (v); lerp may cancel
-                    torch.testing.assert_close(state[pf]["exp_avg"], opt.state[pr]["exp_avg"],
-                                               **tol("optimizer_step", F32, scale=1e-2))
-                    torch.testing.assert_close(state[pf]["exp_avg_sq"], opt.state[pr]["exp_avg_sq"],
-                                               **tol("optimizer_step", F32, scale=1e-4))
+                    # moments of gradients ~1e-2: fp32 ulps are ~1e-9 (m) and ~1e-11 (v); lerp may cancel. Beside
+                    # a bf16 table they are bf16 on both paths, one rounding (2^-8 relative) apart at most.
+                    mf, mr = state[pf]["exp_avg"], opt.state[pr]["exp_avg"]
+                    vf, vr = state[pf]["exp_avg_sq"], opt.state[pr]["exp_avg_sq"]
+                    assert mf.dtype == mr.dtype == vr.dtype == (torch.bfloat16 if pr.dtype == BF16 else F32)
+                    if pr.dtype == torch.float32:
+                        torch.testing.assert_close(mf, mr, **tol("optimizer_step", F32, scale=1e-2))
+                        torch.testing.assert_close(vf, vr, **tol("optimizer_step", F32, scale=1e-4))
+                    else:
+                        # a lerp carries last step's rounding (<= 2^-8 of the moment's size) and may cancel: an
+                        # absolute bound of 2^-6 x the typical size (1e-2 for m, 1e-4 for v)
+                        torch.testing.assert_close(mf.float(), mr.float(), atol=2**-6 * 1e-2, rtol=2**-7)
+                        torch.testing.assert_close(vf.float(), vr.float(), atol=2**-6 * 1e-4, rtol=2**-7)
                 else:
                     _assert_params_close(pf.detach(), pr.detach(), olds[k], (pr.shape[0], pr.shape[1]), gr["lr"],
                                          gr["weight_decay"])

@@ -134,3 +134,15 @@ def test_momentum_equals_the_reference_at_every_step(steps, ratio):
     got = [muon_momentum(s, steps, ratio) for s in range(steps + 1)]
     want = [_reference_momentum(s, steps, ratio) for s in range(steps + 1)]
     assert got == want  # exactly, not approximately
+
+
+def test_recompute_follows_the_device_and_the_activations():
+    """auto: a CPU recomputes when a micro-batch would keep over 1 GiB of activations (depth 12 at 2048 tokens: yes;
+    depth 4: no); a GPU holds the recipe's micro-batch; on/off force it."""
+    plan = lambda device, **kw: configs_from_depth(TrainConfig(**kw), vocab_size=32768, device_type=device)
+    assert plan("cpu", depth=12).recompute and any("recomputing" in n for n in plan("cpu", depth=12).notes)
+    assert not plan("cpu", depth=4).recompute
+    assert not plan("cuda", depth=12).recompute
+    assert plan("cpu", depth=4, recompute="on").recompute and not plan("cpu", depth=12, recompute="off").recompute
+    with pytest.raises(SystemExit):
+        parse_args(["--recompute=sometimes"])

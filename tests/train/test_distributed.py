@@ -79,7 +79,7 @@ def test_two_ranks_match_one_process(workspace, full_run):
     tok = Tokenizer.from_directory(workspace / "tokenizer")
     plan = configs_from_depth(cfg, tok.get_vocab_size(), world_size=2)
     torch.manual_seed(cfg.seed)
-    model = build_model(plan.model_config)
+    model = build_model(plan.model_config, embedding_dtype=torch.bfloat16)  # the trainer's default tables
     opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
                                        plan.matrix_weight_decay, plan.lr_scale))
     files = data.split_files(data.list_data_files(workspace / "data"), "train")
@@ -96,7 +96,9 @@ def test_two_ranks_match_one_process(workspace, full_run):
         saved = torch.load(run_dir / f"model_{step + 1:06d}.pt", weights_only=True)
         for name, p in model.state_dict().items():
             # the same steps on gradients summed in another order (two ranks' halves, then the all-reduce)
-            torch.testing.assert_close(saved[name], p, **tol("optimizer_normalized", torch.float32),
+            # bf16 tables: one rounding apart, and near 0 a bf16 rounding of the update (~1e-2) apart
+            bound = tol("optimizer_normalized", p.dtype) if p.dtype == torch.float32 else dict(atol=1e-4, rtol=2**-7)
+            torch.testing.assert_close(saved[name], p, **bound,
                                        msg=lambda m, s=step + 1, n=name: f"step {s}: {n} {m}")
     # optimizer state is sharded: each rank holds about half of the single-process state
     single = state_numel(copy.deepcopy(opt.state_dict()))

@@ -83,20 +83,22 @@ def test_param_groups_cover_model_with_spec_lrs():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
+def _fresh(**kw):
+    torch.manual_seed(1)
+    return build_model(GPTConfig.from_depth(2, vocab_size=64, sequence_len=16), **kw)
+
+
+def _train_step(model, opt, idx):
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def test_state_dict_roundtrip_continues_identically():
     torch.manual_seed(0)
-
-    def fresh():
-        torch.manual_seed(1)
-        return build_model(GPTConfig.from_depth(2, vocab_size=64, sequence_len=16))
-
     idx = torch.randint(0, 64, (2, 17))
-
-    def step(model, opt):
-        model(idx[:, :-1], idx[:, 1:]).backward()
-        opt.step()
-        model.zero_grad(set_to_none=True)
-
+    fresh = _fresh
+    step = lambda model, opt: _train_step(model, opt, idx)
     a = fresh()
     oa = MuonAdamW(build_param_groups(a, 0.008, 0.3, 0.02, 0.5, 0.1))
     step(a, oa)
@@ -137,3 +139,27 @@ def test_muon_stack_parts_on_cpu_change_nothing(monkeypatch):
             opt.step()
         out.append(torch.stack([p.detach() for p in params]))
     torch.testing.assert_close(out[1], out[0], **tol("optimizer_normalized", F32))
+
+
+def test_bf16_tables_keep_bf16_moments_and_resume_exactly(tmp_path):
+    """A bf16 table's AdamW moments are bf16 (the reference's storage), so Optimizer.load_state_dict (which casts
+    state to the parameter's dtype) gives back exactly the state that was saved, and the run continues the same."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 64, (2, 17))
+    fresh = lambda: _fresh(embedding_dtype=torch.bfloat16)
+    step = lambda model, opt: _train_step(model, opt, idx)
+    a = fresh()
+    oa = MuonAdamW(build_param_groups(a, 0.008, 0.3, 0.02, 0.5, 0.1))
+    step(a, oa)
+    st = oa.state[a.transformer.wte.weight]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    assert oa.state[a.lm_head.weight]["exp_avg"].dtype == torch.float32
+    torch.save(oa.state_dict(), tmp_path / "optim.pt")
+    b = fresh()
+    b.load_state_dict(a.state_dict())
+    ob = MuonAdamW(build_param_groups(b, 0.008, 0.3, 0.02, 0.5, 0.1))
+    ob.load_state_dict(torch.load(tmp_path / "optim.pt", weights_only=True))
+    step(a, oa)
+    step(b, ob)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
