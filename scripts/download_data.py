@@ -252,13 +252,22 @@ def fetch_shard(url: str, dest: str | os.PathLike, attempts: int = 5, retry_wait
 def download(base_url: str, out_dir: str | os.PathLike, names: list[str], workers: int = 4, attempts: int = 5,
              retry_wait: float = 2.0, timeout: float = 30.0, progress_every: float = 5.0,
              log: TextIO | None = None) -> Progress:
-    """Fetch `names` from `base_url` into `out_dir` with `workers` threads, a progress line on `log` (default:
-    stderr) every `progress_every` seconds. The first failure (DownloadError) or Ctrl-C stops the other threads
-    after their current chunk (every thread has ended when this returns or raises); part files are kept."""
+    """Fetch `names` from `base_url` into `out_dir` (see download_files)."""
+    base_url = base_url.rstrip("/")
+    return download_files([(f"{base_url}/{name}", name) for name in names], out_dir, workers, attempts, retry_wait,
+                          timeout, progress_every, log)
+
+
+def download_files(files: list[tuple[str, str]], out_dir: str | os.PathLike, workers: int = 4, attempts: int = 5,
+                   retry_wait: float = 2.0, timeout: float = 30.0, progress_every: float = 5.0,
+                   log: TextIO | None = None) -> Progress:
+    """Fetch each (url, name) of `files` into `out_dir / name` with `workers` threads, a progress line on `log`
+    (default: stderr) every `progress_every` seconds. The first failure (DownloadError) or Ctrl-C stops the other
+    threads after their current chunk (every thread has ended when this returns or raises); part files are kept."""
     out_dir, log = Path(out_dir), log or sys.stderr
     out_dir.mkdir(parents=True, exist_ok=True)
-    progress, base_url = Progress(len(names), log), base_url.rstrip("/")
-    todo, errors = deque(names), []
+    progress = Progress(len(files), log)
+    todo, errors = deque(files), []
     stop, wake = threading.Event(), threading.Event()  # stop: the threads end; wake: the main thread looks
     running = [0]
 
@@ -266,11 +275,11 @@ def download(base_url: str, out_dir: str | os.PathLike, names: list[str], worker
         try:
             while not stop.is_set():
                 try:
-                    name = todo.popleft()
+                    url, name = todo.popleft()
                 except IndexError:
                     return
-                progress.finished(fetch_shard(f"{base_url}/{name}", out_dir / name, attempts, retry_wait, timeout,
-                                              stop, progress, log))
+                progress.finished(fetch_shard(url, out_dir / name, attempts, retry_wait, timeout, stop, progress,
+                                              log))
         except _Stopped:
             pass
         except BaseException as e:  # a DownloadError, or a bug: the main thread re-raises it
@@ -285,7 +294,7 @@ def download(base_url: str, out_dir: str | os.PathLike, names: list[str], worker
                 wake.set()
 
     # Threads are listed before they start and joined when alive, so a Ctrl-C at any point leaves none behind.
-    threads = [threading.Thread(target=worker, name=f"download-{i}") for i in range(min(workers, len(names)))]
+    threads = [threading.Thread(target=worker, name=f"download-{i}") for i in range(min(workers, len(files)))]
     running[0] = len(threads)
     try:
         for t in threads:

@@ -7,7 +7,8 @@ order. These are the names the public datasets ship under: a Hugging Face parque
 JSONL line's keys are the dataset's fields (nested ones, such as ARC's `choices` {text, label} or SmolTalk's
 `messages`, as the dataset has them).
 
-The folder names: smoltalk, mmlu, arc-easy, arc-challenge, gsm8k, humaneval (see each task's module).
+The folder names: smoltalk, mmlu, arc-easy, arc-challenge, gsm8k, humaneval (see each task's module);
+`python -m scripts.download_tasks` fills them from the Hugging Face Hub.
 """
 
 from __future__ import annotations

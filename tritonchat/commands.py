@@ -30,6 +30,10 @@ def download_data() -> int:
     return _run("tritonchat.scripts.download_data", "tritonchat-download-data")
 
 
+def download_tasks() -> int:
+    return _run("tritonchat.scripts.download_tasks", "tritonchat-download-tasks")
+
+
 def chat() -> int:
     return _run("tritonchat.scripts.chat_cli", "tritonchat-chat")
 
