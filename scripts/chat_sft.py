@@ -53,7 +53,14 @@ from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, 
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
-from tritonchat.train.setup import check_impl, release_freed_memory, resolve_dtype, resolve_embedding_dtype
+from tritonchat.train.setup import (
+    LARGE_CPU_RUN,
+    check_impl,
+    cpu_footprint,
+    release_freed_memory,
+    resolve_dtype,
+    resolve_embedding_dtype,
+)
 
 PROG = command_name("scripts.chat_sft")
 SINGLE = DistInfo()
@@ -469,8 +476,6 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         dtype = resolve_dtype(args.dtype, device)
         emb_dtype = resolve_embedding_dtype(args.embedding_dtype)
         impl = check_impl(args.impl, device)
-        if device.type == "cpu":
-            release_freed_memory()
         base_dir = Path(args.base_dir or get_base_dir())
         tok_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
         if not (tok_dir / "tokenizer.pkl").exists():
@@ -523,6 +528,8 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         act_bytes = activation_bytes(config, B * T)
         model.recompute = args.recompute == "on" or (args.recompute == "auto" and device.type == "cpu"
                                                      and act_bytes > CPU_ACTIVATION_BYTES)
+        if device.type == "cpu" and cpu_footprint(model, 0 if model.recompute else act_bytes) > LARGE_CPU_RUN:
+            release_freed_memory()
         if model.recompute and args.recompute == "auto":
             hb.say(f"  recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
                    f"of them; --recompute=off keeps them)")

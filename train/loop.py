@@ -27,6 +27,7 @@ from tritonchat.train import data, reference
 from tritonchat.train.config import (
     TrainConfig,
     TrainPlan,
+    activation_bytes,
     configs_from_depth,
     lr_multiplier,
     muon_momentum,
@@ -36,8 +37,10 @@ from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, 
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
 from tritonchat.train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: part of this module's interface)
+    LARGE_CPU_RUN,
     check_impl,
     cpu_contention,
+    cpu_footprint,
     epochs_warning,
     load_tokenizer,
     peak_flops,
@@ -232,10 +235,8 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     dtype = resolve_dtype(cfg.dtype, device)
     emb_dtype = resolve_embedding_dtype(cfg.embedding_dtype)
     impl = check_impl(cfg.impl, device)  # once, for the model and the optimizer alike
-    if device.type == "cpu":
-        release_freed_memory()
-        if warning := cpu_contention(torch.get_num_threads()):
-            hb.say(warning)
+    if device.type == "cpu" and (warning := cpu_contention(torch.get_num_threads())):
+        hb.say(warning)
     base_dir = Path(cfg.base_dir or get_base_dir())
     tokenizer, token_bytes = load_tokenizer(base_dir)
     data_dir, files = _data_files(cfg, base_dir, info, hb)
@@ -247,6 +248,9 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype, embedding_dtype=emb_dtype)
     model.recompute = plan.recompute
+    act_bytes = 0 if plan.recompute else activation_bytes(plan.model_config, plan.device_batch_size * cfg.max_seq_len)
+    if device.type == "cpu" and cpu_footprint(model, act_bytes) > LARGE_CPU_RUN:
+        release_freed_memory()
     # Batches come from this tokenizer, whose ids are < vocab_size: skip the per-forward host sync on CUDA.
     model.check_ids = device.type != "cuda"
     if info.enabled:  # identical starting weights on every rank

@@ -53,11 +53,21 @@ def resolve_embedding_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+LARGE_CPU_RUN = 2 << 30  # bytes of training state + activations from which a CPU run returns freed memory at once
+
+
+def cpu_footprint(model, activation_bytes: int) -> int:
+    """About what training `model` holds at its peak: weights, gradients and two moments' worth of optimizer state
+    (16 bytes a parameter at most), plus the activations autograd keeps."""
+    return 16 * sum(p.numel() for p in model.parameters()) + activation_bytes
+
+
 def release_freed_memory() -> None:
     """On glibc, serve allocations of 1 MiB and more by mmap, so a freed activation or optimizer temporary goes
     back to the system at once: a CPU step frees and reallocates GBs of mid-sized tensors, which the default
-    heap keeps (depth 12: 1.3 GB resident beyond the live tensors). A process setting, made by the commands that
-    train on a CPU, never at import."""
+    heap keeps (depth 12: 1.3 GB resident beyond the live tensors). The page faults cost time (a fifth of a
+    depth-4 step), so the commands that train on a CPU make this process setting only for a run whose
+    `cpu_footprint` passes LARGE_CPU_RUN; never at import."""
     import ctypes
     import ctypes.util
 

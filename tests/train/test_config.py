@@ -146,3 +146,16 @@ def test_recompute_follows_the_device_and_the_activations():
     assert plan("cpu", depth=4, recompute="on").recompute and not plan("cpu", depth=12, recompute="off").recompute
     with pytest.raises(SystemExit):
         parse_args(["--recompute=sometimes"])
+
+
+def test_large_cpu_runs_return_freed_memory():
+    """Depth 12 (286M parameters) passes the threshold from which a CPU run returns freed memory at once; depth 4
+    at the README's 32768 vocabulary does not (the page faults would cost it time for nothing)."""
+    from tritonchat.train.config import _meta_model, activation_bytes, model_config_for
+    from tritonchat.train.setup import LARGE_CPU_RUN, cpu_footprint
+
+    def footprint(depth):
+        config = model_config_for(TrainConfig(depth=depth), 32768)
+        return cpu_footprint(_meta_model(config), activation_bytes(config, 2048))
+
+    assert footprint(12) > LARGE_CPU_RUN > footprint(4)
