@@ -36,7 +36,8 @@ from tritonchat.engine.tokenizer import Tokenizer
 
 PROG = command_name("scripts.chat_cli")
 # -i/--source: the folder under the base directory each training phase writes (the reference's names).
-SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints",
+           "pref": "chatpref_checkpoints"}
 # How tool-use tokens are shown; the other special tokens are not printed.
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 
@@ -86,7 +87,8 @@ def find_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int
             ckpt_dir, step = find_latest_checkpoint(base_dir / SOURCES[source])
         except FileNotFoundError as e:
             how = {"base": "train one (`make demo`)", "sft": "fine-tune one (`python -m scripts.chat_sft`)",
-                   "rl": "train one with RL"}[source]
+                   "rl": "train one with RL (`python -m scripts.chat_rl`)",
+                   "pref": "tune one on preferences (`python -m scripts.chat_pref`)"}[source]
             raise FileNotFoundError(f"{e}: {how}, or pass --base-dir, -i or --checkpoint-dir") from None
     else:
         ckpt_dir = Path(args.checkpoint_dir)
