@@ -3,6 +3,10 @@
     python -m scripts.chat_cli                      # interactive; 'clear' starts over, 'quit' exits
     python -m scripts.chat_cli -p "What is 12*7?"   # one answer, then exit
 
+In the REPL, `rate` (or `rate N`) samples more answers to the last question (N in all, the shown one first),
+asks for their ranking best first ("2 1 3") and appends it to --ratings as a line
+{"messages": [...], "answers": [...], "ranking": [...]}, which `python -m scripts.chat_pref --data` trains on.
+
 Loads a checkpoint directory in the nanochat layout (ours or nanochat's: model_*.pt + meta_*.json; by default
 the newest complete checkpoint in `<base>/chatsft_checkpoints/*` when there is one, else `<base>/base_checkpoints/*`;
 `-i base|sft|rl` chooses base_checkpoints, chatsft_checkpoints or chatrl_checkpoints, see
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
                    help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--max-seq-len", type=int, default=None, help="conversation length limit (default: trained)")
+    p.add_argument("--ratings", default=None, help="where `rate` appends rankings (default: <base>/ratings.jsonl)")
     return p.parse_args(argv)
 
 
@@ -147,6 +153,8 @@ class Chat:
             self.engine.close_session(self.session)
         self.session = self.engine.new_session()
         self.tokens = [self.tok.get_bos_token_id()]
+        self.messages: list[dict] = []  # the conversation as text, for `rate`
+        self.last_prompt: list[int] | None = None
 
     def ask(self, text: str) -> str:
         sp = self.tok.encode_special
@@ -165,7 +173,43 @@ class Chat:
         self.out.write("\n")
         self.tokens = prompt + answer + [sp("<|assistant_end|>")]
         self.turns += 1
+        self.last_prompt = prompt
+        self.messages += [{"role": "user", "content": text},
+                          {"role": "assistant", "content": self.tok.decode([t for t in answer
+                                                                            if t not in self.show])}]
         return "".join(pieces)
+
+    def rate(self, n: int, path: Path, read=input) -> bool:
+        """Sample n - 1 more answers to the last question, show all n, read a ranking (best first) and append
+        it to `path`. Returns whether a ranking was written."""
+        if self.last_prompt is None:
+            self.out.write("(ask something first, then rate the answers)\n")
+            return False
+        answers = [self.messages[-1]["content"]]
+        base = (self.params.seed or 0) + 1000 * self.turns
+        params = [SamplingParams(**{**self.params.__dict__, "seed": base + j}) for j in range(1, n)]
+        for gen in self.engine.generate([self.last_prompt] * (n - 1), params):
+            answers.append(self.tok.decode([t for t in gen.tokens if t not in self.show]))
+        for j, a in enumerate(answers, 1):
+            self.out.write(f"[{j}] {a}\n")
+        while True:
+            line = read(f"Rank best first (e.g. {' '.join(str(j) for j in range(1, n + 1))}; empty skips): ").strip()
+            if not line:
+                self.out.write("(not rated)\n")
+                return False
+            try:
+                ranking = [int(x) - 1 for x in line.replace(",", " ").split()]
+            except ValueError:
+                ranking = []
+            if sorted(ranking) == list(range(n)):
+                break
+            self.out.write(f"(give each of 1..{n} once, best first)\n")
+        record = {"messages": self.messages[:-1], "answers": answers, "ranking": ranking}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.out.write(f"(ranking saved to {path})\n")
+        return True
 
 
 def _main(argv=None) -> int:
@@ -178,7 +222,8 @@ def _main(argv=None) -> int:
     if args.prompt is not None:
         chat.ask(args.prompt)
         return 0
-    print("Type 'clear' to start over, 'quit' to exit.")
+    ratings = Path(args.ratings) if args.ratings else Path(args.base_dir or get_base_dir()) / "ratings.jsonl"
+    print("Type 'clear' to start over, 'rate [N]' to rank N answers to the last question, 'quit' to exit.")
     while True:
         try:
             line = input("\nUser: ").strip()
@@ -192,6 +237,17 @@ def _main(argv=None) -> int:
             print("(conversation cleared)")
             continue
         if not line:
+            continue
+        words = line.split()
+        if words[0].lower() == "rate" and len(words) <= 2:
+            n = int(words[1]) if len(words) == 2 and words[1].isdigit() else 3 if len(words) == 1 else 0
+            if n < 2:
+                print("(rate N: N >= 2 answers)")
+                continue
+            try:
+                chat.rate(n, ratings)
+            except (EOFError, KeyboardInterrupt):
+                print("\n(not rated)")
             continue
         print("Assistant: ", end="", flush=True)
         try:
