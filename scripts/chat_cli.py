@@ -179,12 +179,13 @@ class Chat:
                                                                             if t not in self.show])}]
         return "".join(pieces)
 
-    def rate(self, n: int, path: Path, read=input) -> bool:
+    def rate(self, n: int, path: Path, read=None) -> bool:
         """Sample n - 1 more answers to the last question, show all n, read a ranking (best first) and append
         it to `path`. Returns whether a ranking was written."""
         if self.last_prompt is None:
             self.out.write("(ask something first, then rate the answers)\n")
             return False
+        read = read or input
         answers = [self.messages[-1]["content"]]
         base = (self.params.seed or 0) + 1000 * self.turns
         params = [SamplingParams(**{**self.params.__dict__, "seed": base + j}) for j in range(1, n)]
