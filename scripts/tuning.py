@@ -116,15 +116,14 @@ def check_vocab(config, tokenizer: Tokenizer, where) -> None:
 
 
 def build_policy(state: dict, meta: dict, st: Setup, trainable: bool = True) -> GPT:
-    """The model of a checkpoint's state and meta on the run's device (frozen when not `trainable`)."""
+    """The model of a checkpoint's state and meta on the run's device (in eval mode when not `trainable`)."""
     config = config_from_meta(meta["model_config"])
     model = build_model(config, device=st.device, impl=st.impl, compute_dtype=st.dtype, init=False,
                         embedding_dtype=st.embedding_dtype)
     model.load_state_dict(patch_state_dict(state, model), strict=True)
     model.check_ids = st.device.type != "cuda"
-    if not trainable:
-        model.eval()
-        model.requires_grad_(False)
+    if not trainable:  # only ever run under no_grad; its parameters keep requires_grad so that its forward takes
+        model.eval()   # the policy's code path and gives the policy's log-probabilities bit for bit at the start
     return model
 
 

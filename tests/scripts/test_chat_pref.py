@@ -90,8 +90,8 @@ def test_dpo_learns_the_preference_on_held_out_pairs(base):
     before, after = result["eval"][0], result["eval"][30]
     print(f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, margin "
           f"{before['margin']:.3f} -> {after['margin']:.3f}, kl {after['kl']:.4f}")
-    assert abs(before["accuracy"] - 0.5) <= 0.15 and before["loss"] == pytest.approx(0.6931, abs=1e-3)
-    assert abs(before["kl"]) < 1e-5
+    assert before["accuracy"] == 0.5 and before["margin"] == 0 and before["loss"] == pytest.approx(0.693147)
+    assert abs(before["kl"]) < 1e-6
     assert after["accuracy"] >= 0.95 and after["margin"] > 1.0 and after["loss"] < 0.3 and after["kl"] > 0
     ckpt = base / "chatpref_checkpoints" / "d1"
     assert is_complete(ckpt, 30) and load_meta(ckpt, 30)["pref"]["beta"] == 0.1
