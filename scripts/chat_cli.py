@@ -9,7 +9,7 @@ asks for their ranking best first ("2 1 3") and appends it to --ratings as a lin
 
 Loads a checkpoint directory in the nanochat layout (ours or nanochat's: model_*.pt + meta_*.json; by default
 the newest complete checkpoint in `<base>/chatsft_checkpoints/*` when there is one, else `<base>/base_checkpoints/*`;
-`-i base|sft|rl` chooses base_checkpoints, chatsft_checkpoints or chatrl_checkpoints, see
+`-i base|sft|rl|pref` chooses base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or chatpref_checkpoints, see
 `engine.checkpoint.find_latest_checkpoint`)
 and the tokenizer from `<base>/tokenizer` (or --tokenizer-dir); the base directory is `engine.paths.get_base_dir`'s
 unless --base-dir says otherwise. The loaded checkpoint is named on stderr.
@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
     p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
-                   help="which checkpoints: base_checkpoints, chatsft_checkpoints or chatrl_checkpoints under <base> "
+                   help="which checkpoints: base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or "
+                        "chatpref_checkpoints under <base> "
                         "(default: sft when a complete SFT checkpoint exists, else base)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="a checkpoint folder (default: the newest complete checkpoint of --source)")
