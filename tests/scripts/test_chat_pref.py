@@ -165,3 +165,42 @@ def test_mistakes_are_one_line(base, tmp_path, capsys, flags, words):
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"{chat_pref.PROG}: error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_two_ranks_train_and_save_one_checkpoint(base, tmp_path):
+    """torchrun with two gloo ranks on CPU: the pairs of a step are split over the ranks, the held-out sums
+    added, and one checkpoint with both optimizer shards is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_pref", *argv(base, "--num-iterations", "2", "--eval-every", "2", "--batch-size", "4",
+                                      "--out-dir", str(out))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert is_complete(out, 2)
+    assert (out / "optim_000002_rank0.pt").exists() and (out / "optim_000002_rank1.pt").exists()
+    meta = json.loads((out / "meta_000002.json").read_text())
+    assert meta["world_size"] == 2 and meta["eval"]["pairs"] == 44
+
+
+def test_ctrl_c_saves_the_last_step_and_says_so_in_one_line(base, tmp_path, monkeypatch, capsys):
+    real, calls = chat_pref.dpo_step_loss, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(chat_pref, "dpo_step_loss", loss)
+    rc = chat_pref.main(argv(base, "--num-iterations", "5", "--eval-every", "-1", "--val-fraction", "0",
+                             "--out-dir", str(tmp_path)))
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err.count("\n") == 0 and "--resume-from-step=2" in err, err
+    assert is_complete(tmp_path, 2)

@@ -104,3 +104,41 @@ def test_bad_data_is_one_line(base, tmp_path, capsys):
     assert exit_code(argv(base, "--data", str(unanswered), "--out-dir", str(tmp_path))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "q.jsonl" in err and "answer" in err, err
+
+
+def test_two_ranks_train_and_save_one_checkpoint(base, tmp_path):
+    """torchrun with two gloo ranks on CPU: the prompts of a step are split over the ranks, the evaluation's
+    counts summed, and one checkpoint (both optimizer shards, one model and meta) is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_rl", *argv(base, "--num-iterations", "2", "--eval-every", "2", "--eval-examples", "6",
+                                    "--prompts-per-step", "4", "--num-samples", "2", "--out-dir", str(out))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert is_complete(out, 2)
+    assert (out / "optim_000002_rank0.pt").exists() and (out / "optim_000002_rank1.pt").exists()
+    meta = json.loads((out / "meta_000002.json").read_text())
+    assert meta["world_size"] == 2 and meta["eval"]["prompts"] == 6
+
+
+def test_ctrl_c_saves_the_last_step_and_says_so_in_one_line(base, tmp_path, monkeypatch, capsys):
+    real, calls = chat_rl.policy_gradient_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(chat_rl, "policy_gradient_step", step)
+    rc = chat_rl.main(argv(base, "--num-iterations", "5", "--eval-every", "-1", "--out-dir", str(tmp_path)))
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err.count("\n") == 0 and "--resume-from-step=2" in err, err
+    assert is_complete(tmp_path, 2)
