@@ -139,6 +139,34 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
     return engine, tokenizer, where
 
 
+def answer_content(tokenizer: Tokenizer, tokens: list[int]) -> str | list[dict]:
+    """The assistant content of generated tokens: their text, or where they call the calculator, the parts
+    (text, python, python_output) that render back to the same tokens (tasks.common)."""
+    sp = tokenizer.encode_special
+    kinds = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
+    ends = {sp("<|python_end|>"), sp("<|output_end|>")}
+    parts: list[dict] = []
+    kind, run = "text", []
+
+    def flush() -> None:
+        if run or kind != "text":
+            parts.append({"type": kind, "text": tokenizer.decode(run)})
+
+    for t in tokens:
+        if t in kinds:
+            flush()
+            kind, run = kinds[t], []
+        elif t in ends:
+            flush()
+            kind, run = "text", []
+        else:
+            run.append(t)
+    flush()
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return [p for p in parts if p["type"] != "text" or p["text"]]
+
+
 class Chat:
     """A conversation held as tokens, answered through one engine session."""
 
@@ -176,8 +204,7 @@ class Chat:
         self.turns += 1
         self.last_prompt = prompt
         self.messages += [{"role": "user", "content": text},
-                          {"role": "assistant", "content": self.tok.decode([t for t in answer
-                                                                            if t not in self.show])}]
+                          {"role": "assistant", "content": answer_content(self.tok, answer)}]
         return "".join(pieces)
 
     def rate(self, n: int, path: Path, read=None) -> bool:
@@ -189,11 +216,14 @@ class Chat:
         read = read or input
         answers = [self.messages[-1]["content"]]
         base = (self.params.seed or 0) + 1000 * self.turns
-        params = [SamplingParams(**{**self.params.__dict__, "seed": base + j}) for j in range(1, n)]
-        for gen in self.engine.generate([self.last_prompt] * (n - 1), params):
-            answers.append(self.tok.decode([t for t in gen.tokens if t not in self.show]))
+        for j in range(1, n):  # in the conversation's session: each prefills only what the cache lacks
+            params = SamplingParams(**{**self.params.__dict__, "seed": base + j})
+            with contextlib.closing(self.engine.stream(self.last_prompt, params, self.session)) as events:
+                answers.append(answer_content(self.tok, [ev.token for ev in events if ev.token is not None]))
         for j, a in enumerate(answers, 1):
-            self.out.write(f"[{j}] {a}\n")
+            shown = a if isinstance(a, str) else "".join(
+                {"python": "[calc: {}", "python_output": " = {}] "}.get(p["type"], "{}").format(p["text"]) for p in a)
+            self.out.write(f"[{j}] {shown}\n")
         while True:
             line = read(f"Rank best first (e.g. {' '.join(str(j) for j in range(1, n + 1))}; empty skips): ").strip()
             if not line:

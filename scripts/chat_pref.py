@@ -201,8 +201,9 @@ def dpo_step_loss(model: GPT, ref: GPT, x: torch.Tensor, y: torch.Tensor, beta: 
 def evaluate(model: GPT, ref: GPT, tokenizer: Tokenizer, pairs: Sequence, s: Settings, info: DistInfo,
              batch: int = 16) -> dict:
     """Held-out preference accuracy (a tie counts half: the starting policy, equal to the reference, scores
-    0.5), mean reward margin, loss and KL(policy || reference) per answer token
-    (over the full vocabulary, at the answers' supervised positions), summed over the ranks."""
+    0.5), mean reward margin, loss and KL(policy || reference) per answer token (over the full vocabulary, at
+    the answers' supervised positions: the one place logits are materialized, a row at a time), summed over
+    the ranks."""
     model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # right, margin, loss, kl, tokens
@@ -212,8 +213,11 @@ def evaluate(model: GPT, ref: GPT, tokenizer: Tokenizer, pairs: Sequence, s: Set
         P = x.shape[0] // 2
         loss, h = dpo_step_loss(model, ref, x, y, s.beta)
         valid = y >= 0
-        lp, lq = F.log_softmax(model(x)[valid], dim=-1), F.log_softmax(ref(x)[valid], dim=-1)
-        kl = (lp.exp() * (lp - lq)).sum()
+        kl = torch.zeros((), dtype=torch.float64, device=device)
+        for b in range(x.shape[0]):  # one row's logits at a time: (T, V) twice, not (2P, T, V)
+            lp = F.log_softmax(model(x[b:b + 1])[0][valid[b]], dim=-1)
+            lq = F.log_softmax(ref(x[b:b + 1])[0][valid[b]], dim=-1)
+            kl += (lp.exp() * (lp - lq)).sum().double()
         right = ((h > 0).double() + 0.5 * (h == 0).double()).sum()
         sums += torch.stack([right, h.sum().double(), loss.double() * P, kl.double(), valid.sum().double()])
     all_reduce_sum(sums, info)
@@ -376,6 +380,7 @@ def sample_ranked(args: argparse.Namespace) -> int:
     """--sample-out: answers sampled with the engine, scored by chat_rl's verifier, written as scores lines."""
     from tritonchat.engine.checkpoint import load_checkpoint
     from tritonchat.engine.engine import Engine, SamplingParams
+    from tritonchat.scripts.chat_cli import answer_content
     from tritonchat.scripts.chat_rl import AnswerTask, sample_groups
     from tritonchat.scripts.chat_sft import iter_conversations
 
@@ -392,8 +397,9 @@ def sample_ranked(args: argparse.Namespace) -> int:
         conv = task[i]
         seeds = [[tuning.derived_seed(args.seed, "pairs", i, j) for j in range(args.num_samples)]]
         group = sample_groups(engine, st.tokenizer, [conv], args.num_samples, params, seeds)[0]
-        answers = [text for _, _, _, text in group]
-        scores = [task.reward(conv, a) for a in answers]
+        end = st.tokenizer.encode_special("<|assistant_end|>")
+        answers = [answer_content(st.tokenizer, [t for t in c if t != end]) for _, c, _, _ in group]
+        scores = [task.reward(conv, text) for _, _, _, text in group]
         if len(set(scores)) > 1:
             lines.append(json.dumps({"messages": conv["messages"][:-1], "answers": answers, "scores": scores}))
     data = "".join(line + "\n" for line in lines).encode()

@@ -204,3 +204,14 @@ def test_ctrl_c_saves_the_last_step_and_says_so_in_one_line(base, tmp_path, monk
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err.count("\n") == 0 and "--resume-from-step=2" in err, err
     assert is_complete(tmp_path, 2)
+
+
+def test_answer_content_keeps_calculator_calls_as_parts(base):
+    tok = Tokenizer.from_directory(base / "tokenizer")
+    sp = tok.encode_special
+    parts = [{"type": "text", "text": "It is "}, {"type": "python", "text": "2+3"},
+             {"type": "python_output", "text": "5"}, {"type": "text", "text": " so 5"}]
+    ids, _ = tok.render_conversation({"messages": [*USER, {"role": "assistant", "content": parts}]}, max_tokens=None)
+    answer = ids[ids.index(sp("<|assistant_start|>")) + 1:-1]  # between <|assistant_start|> and <|assistant_end|>
+    assert chat_cli.answer_content(tok, answer) == parts
+    assert chat_cli.answer_content(tok, tok.encode("5 yes")) == "5 yes"
