@@ -344,7 +344,8 @@ def train_pref(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                     opt.step()
                 model.zero_grad(set_to_none=True)
                 hb.doing(None)
-                sums = all_reduce_sum(torch.tensor([loss.item(), (h > 0).float().mean().item(), h.mean().item()],
+                right = ((h > 0).float() + 0.5 * (h == 0).float()).mean().item()  # a tie counts half
+                sums = all_reduce_sum(torch.tensor([loss.item(), right, h.mean().item()],
                                                    dtype=torch.float64, device=st.device), info) / info.world_size
                 loss_v, acc, margin = sums.tolist()
                 if not math.isfinite(loss_v):
