@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
+from tritonchat.engine.cli import ArgumentParser, HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.gpt import GPT
 from tritonchat.engine.paths import atomic_write
 from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
 from tritonchat.scripts import tuning
-from tritonchat.scripts.chat_sft import _ArgumentParser, lr_multiplier
+from tritonchat.scripts.chat_sft import lr_multiplier
 from tritonchat.tasks.common import validate_conversation
 from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train.dist import DistInfo, all_reduce_sum
@@ -411,7 +411,7 @@ def sample_ranked(args: argparse.Namespace) -> int:
 
 # ---- command line ---------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="ranked answers (JSONL, see above); with --sample-out, problems")
     p.add_argument("--val-data", default=None, help="held-out ranked answers (default: the end of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of --data's items held out")

@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
+from tritonchat.engine.cli import ArgumentParser, HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.engine import Engine, Generation, SamplingParams
 from tritonchat.engine.gpt import GPT
 from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer
 from tritonchat.scripts import tuning
-from tritonchat.scripts.chat_sft import Shuffled, _ArgumentParser, iter_conversations, lr_multiplier
+from tritonchat.scripts.chat_sft import Shuffled, iter_conversations, lr_multiplier
 from tritonchat.tasks.gsm8k import extract_answer
 from tritonchat.train.dist import DistInfo, all_reduce_sum
 from tritonchat.train.feedback import completion_batch, group_advantages, policy_gradient_loss, token_logprobs
@@ -337,7 +337,7 @@ def train_rl(args: argparse.Namespace, stop_after: int | None = None) -> dict:
 
 # ---- command line ------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--task", default="GSM8K", choices=sorted(RL_TASKS), help="the task to learn (without --data)")
     p.add_argument("--data", default=None, help="problems instead of --task: JSONL conversations ending with the "
                    "reference answer")
