@@ -24,6 +24,13 @@ class UsageError(ValueError):
     """A mistake in the command line or its files, reported as one line naming the flag or the file."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`prog: error: message`, exit code 2) without the usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` with each option's default, except when it is None or False or the help text already says it."""
 

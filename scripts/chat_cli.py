@@ -3,9 +3,13 @@
     python -m scripts.chat_cli                      # interactive; 'clear' starts over, 'quit' exits
     python -m scripts.chat_cli -p "What is 12*7?"   # one answer, then exit
 
+In the REPL, `rate` (or `rate N`) samples more answers to the last question (N in all, the shown one first),
+asks for their ranking best first ("2 1 3") and appends it to --ratings as a line
+{"messages": [...], "answers": [...], "ranking": [...]}, which `python -m scripts.chat_pref --data` trains on.
+
 Loads a checkpoint directory in the nanochat layout (ours or nanochat's: model_*.pt + meta_*.json; by default
 the newest complete checkpoint in `<base>/chatsft_checkpoints/*` when there is one, else `<base>/base_checkpoints/*`;
-`-i base|sft|rl` chooses base_checkpoints, chatsft_checkpoints or chatrl_checkpoints, see
+`-i base|sft|rl|pref` chooses base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or chatpref_checkpoints, see
 `engine.checkpoint.find_latest_checkpoint`)
 and the tokenizer from `<base>/tokenizer` (or --tokenizer-dir); the base directory is `engine.paths.get_base_dir`'s
 unless --base-dir says otherwise. The loaded checkpoint is named on stderr.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -36,7 +41,8 @@ from tritonchat.engine.tokenizer import Tokenizer
 
 PROG = command_name("scripts.chat_cli")
 # -i/--source: the folder under the base directory each training phase writes (the reference's names).
-SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints",
+           "pref": "chatpref_checkpoints"}
 # How tool-use tokens are shown; the other special tokens are not printed.
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 
@@ -50,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
     p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
-                   help="which checkpoints: base_checkpoints, chatsft_checkpoints or chatrl_checkpoints under <base> "
+                   help="which checkpoints: base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or "
+                        "chatpref_checkpoints under <base> "
                         "(default: sft when a complete SFT checkpoint exists, else base)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="a checkpoint folder (default: the newest complete checkpoint of --source)")
@@ -62,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
                    help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--max-seq-len", type=int, default=None, help="conversation length limit (default: trained)")
+    p.add_argument("--ratings", default=None, help="where `rate` appends rankings (default: <base>/ratings.jsonl)")
     return p.parse_args(argv)
 
 
@@ -86,7 +94,8 @@ def find_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int
             ckpt_dir, step = find_latest_checkpoint(base_dir / SOURCES[source])
         except FileNotFoundError as e:
             how = {"base": "train one (`make demo`)", "sft": "fine-tune one (`python -m scripts.chat_sft`)",
-                   "rl": "train one with RL"}[source]
+                   "rl": "train one with RL (`python -m scripts.chat_rl`)",
+                   "pref": "tune one on preferences (`python -m scripts.chat_pref`)"}[source]
             raise FileNotFoundError(f"{e}: {how}, or pass --base-dir, -i or --checkpoint-dir") from None
     else:
         ckpt_dir = Path(args.checkpoint_dir)
@@ -130,6 +139,34 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
     return engine, tokenizer, where
 
 
+def answer_content(tokenizer: Tokenizer, tokens: list[int]) -> str | list[dict]:
+    """The assistant content of generated tokens: their text, or where they call the calculator, the parts
+    (text, python, python_output) that render back to the same tokens (tasks.common)."""
+    sp = tokenizer.encode_special
+    kinds = {sp("<|python_start|>"): "python", sp("<|output_start|>"): "python_output"}
+    ends = {sp("<|python_end|>"), sp("<|output_end|>")}
+    parts: list[dict] = []
+    kind, run = "text", []
+
+    def flush() -> None:
+        if run or kind != "text":
+            parts.append({"type": kind, "text": tokenizer.decode(run)})
+
+    for t in tokens:
+        if t in kinds:
+            flush()
+            kind, run = kinds[t], []
+        elif t in ends:
+            flush()
+            kind, run = "text", []
+        else:
+            run.append(t)
+    flush()
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return [p for p in parts if p["type"] != "text" or p["text"]]
+
+
 class Chat:
     """A conversation held as tokens, answered through one engine session."""
 
@@ -145,6 +182,8 @@ class Chat:
             self.engine.close_session(self.session)
         self.session = self.engine.new_session()
         self.tokens = [self.tok.get_bos_token_id()]
+        self.messages: list[dict] = []  # the conversation as text, for `rate`
+        self.last_prompt: list[int] | None = None
 
     def ask(self, text: str) -> str:
         sp = self.tok.encode_special
@@ -163,7 +202,46 @@ class Chat:
         self.out.write("\n")
         self.tokens = prompt + answer + [sp("<|assistant_end|>")]
         self.turns += 1
+        self.last_prompt = prompt
+        self.messages += [{"role": "user", "content": text},
+                          {"role": "assistant", "content": answer_content(self.tok, answer)}]
         return "".join(pieces)
+
+    def rate(self, n: int, path: Path, read=None) -> bool:
+        """Sample n - 1 more answers to the last question, show all n, read a ranking (best first) and append
+        it to `path`. Returns whether a ranking was written."""
+        if self.last_prompt is None:
+            self.out.write("(ask something first, then rate the answers)\n")
+            return False
+        read = read or input
+        answers = [self.messages[-1]["content"]]
+        base = (self.params.seed or 0) + 1000 * self.turns
+        for j in range(1, n):  # in the conversation's session: each prefills only what the cache lacks
+            params = SamplingParams(**{**self.params.__dict__, "seed": base + j})
+            with contextlib.closing(self.engine.stream(self.last_prompt, params, self.session)) as events:
+                answers.append(answer_content(self.tok, [ev.token for ev in events if ev.token is not None]))
+        for j, a in enumerate(answers, 1):
+            shown = a if isinstance(a, str) else "".join(
+                {"python": "[calc: {}", "python_output": " = {}] "}.get(p["type"], "{}").format(p["text"]) for p in a)
+            self.out.write(f"[{j}] {shown}\n")
+        while True:
+            line = read(f"Rank best first (e.g. {' '.join(str(j) for j in range(1, n + 1))}; empty skips): ").strip()
+            if not line:
+                self.out.write("(not rated)\n")
+                return False
+            try:
+                ranking = [int(x) - 1 for x in line.replace(",", " ").split()]
+            except ValueError:
+                ranking = []
+            if sorted(ranking) == list(range(n)):
+                break
+            self.out.write(f"(give each of 1..{n} once, best first)\n")
+        record = {"messages": self.messages[:-1], "answers": answers, "ranking": ranking}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.out.write(f"(ranking saved to {path})\n")
+        return True
 
 
 def _main(argv=None) -> int:
@@ -176,7 +254,8 @@ def _main(argv=None) -> int:
     if args.prompt is not None:
         chat.ask(args.prompt)
         return 0
-    print("Type 'clear' to start over, 'quit' to exit.")
+    ratings = Path(args.ratings) if args.ratings else Path(args.base_dir or get_base_dir()) / "ratings.jsonl"
+    print("Type 'clear' to start over, 'rate [N]' to rank N answers to the last question, 'quit' to exit.")
     while True:
         try:
             line = input("\nUser: ").strip()
@@ -190,6 +269,17 @@ def _main(argv=None) -> int:
             print("(conversation cleared)")
             continue
         if not line:
+            continue
+        words = line.split()
+        if words[0].lower() == "rate" and len(words) <= 2:
+            n = int(words[1]) if len(words) == 2 and words[1].isdigit() else 3 if len(words) == 1 else 0
+            if n < 2:
+                print("(rate N: N >= 2 answers)")
+                continue
+            try:
+                chat.rate(n, ratings)
+            except (EOFError, KeyboardInterrupt):
+                print("\n(not rated)")
             continue
         print("Assistant: ", end="", flush=True)
         try:

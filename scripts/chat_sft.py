@@ -40,7 +40,7 @@ from tritonchat.engine.checkpoint import (
     patch_state_dict,
     save_checkpoint,
 )
-from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, resolve_device, run_main
+from tritonchat.engine.cli import ArgumentParser, HelpFormatter, UsageError, command_name, resolve_device, run_main
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.report import update_report
@@ -680,13 +680,8 @@ class _Run:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help='training conversations: a JSONL file, one {"messages": [...]} a line')
     p.add_argument("--tasks", default=None,
                    help="a task mixture instead of (or beside) --data: NAME[:EPOCHS],... of " + ", ".join(SFT_TASKS)

@@ -42,6 +42,14 @@ def chat_sft() -> int:
     return _run("tritonchat.scripts.chat_sft", "tritonchat-chat-sft")
 
 
+def chat_rl() -> int:
+    return _run("tritonchat.scripts.chat_rl", "tritonchat-chat-rl")
+
+
+def chat_pref() -> int:
+    return _run("tritonchat.scripts.chat_pref", "tritonchat-chat-pref")
+
+
 def base_eval() -> int:
     return _run("tritonchat.scripts.base_eval", "tritonchat-base-eval")
 
