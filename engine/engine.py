@@ -17,6 +17,8 @@ Tool use (SPEC §11): the tokens between <|python_start|> and <|python_end|> are
 calculator; <|output_start|> result <|output_end|> is then forced into the stream (fed to the model as one chunk,
 reported with forced=True). Forced tokens count towards max_tokens.
 
+Beam search (`beam_search`) runs apart from the step loop, its beams sharing the prompt's pages.
+
 Prefix reuse: a request made in a `Session` keeps its sequence's pages after it finishes; the session's next
 request reuses the longest common prefix of the cached tokens and its prompt and prefills only the rest.
 """
@@ -71,6 +73,18 @@ class TokenEvent:
     text: str  # the complete UTF-8 characters this token finishes ("" for special tokens)
     forced: bool = False  # a tool output forced by the engine, not sampled
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the closing event
+
+
+@dataclass
+class BeamHypothesis:
+    """One finished beam: its tokens (the stop token left out), the sum of their log-probabilities (the stop
+    token's included), the score beams are ranked by (logprob / length ** length_penalty, the stop token counted
+    in the length) and why it ended ("stop" or "length")."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+    finish_reason: str
 
 
 @dataclass
@@ -165,7 +179,8 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._requests: dict[int, _Request] = {}
-        self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0}
+        self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0,
+                      "cow_pages": 0, "beam_peak_pages": 0}
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def new_session(self) -> Session:
@@ -276,6 +291,123 @@ class Engine:
             events += self._forward([(r, r.pending[:1]) for r in single])
         self._running = [r for r in self._running if r.finish_reason is None]
         return events
+
+    # ---- beam search ------------------------------------------------------------------------------------------
+    def beam_pages_needed(self, prompt_len: int, num_beams: int, max_tokens: int) -> int:
+        """Pages beam search needs at most: the prompt's once, then each beam's own tail (a copied last page
+        and pages for the tokens it generates)."""
+        max_new = min(max_tokens, self.max_seq_len - prompt_len + 1)
+        return self.cache.pages_for(prompt_len) + num_beams * (self.cache.pages_for(max_new) + 1)
+
+    @torch.no_grad()
+    def beam_search(self, prompt: Sequence[int], num_beams: int = 4, max_tokens: int = 256,
+                    length_penalty: float = 1.0, early_stopping: bool = False,
+                    stop_tokens: Sequence[int] | None = None) -> list[BeamHypothesis]:
+        """The num_beams best continuations of `prompt` by beam search, best first.
+
+        Each step extends every beam by every token, keeps the 2 * num_beams best candidates by summed
+        log-probability, turns those ending in a stop token (ranked among the first num_beams) into finished
+        hypotheses and keeps the best num_beams others as the next beams; beams still running after max_tokens
+        tokens (or at max_seq_len) finish with "length". Hypotheses are ranked by logprob / length **
+        length_penalty. early_stopping=True ends the search once num_beams hypotheses are finished; False goes on
+        until no running beam could still beat the worst of them. num_beams=1 is greedy decoding.
+
+        The beams share pages: the prompt is prefilled once, a child beam forks its parent's pages (reference
+        counts in the allocator) and copies only a shared, partly filled last page before appending to it.
+        The calculator is not run (tool calls are generated as plain tokens). This runs its own forwards; call it
+        between `step()`s. Raises OutOfPages, before any work, when the free pages are too few for the worst
+        case (`beam_pages_needed`)."""
+        if type(num_beams) is not int or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        SamplingParams(max_tokens=max_tokens)  # the same check of max_tokens
+        prompt = [int(t) for t in prompt]
+        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"the prompt must hold at least one token, ids in [0, {self.vocab_size})")
+        if len(prompt) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len ({self.max_seq_len})")
+        if stop_tokens is None:
+            stop_tokens = [self.special[n] for n in ("<|assistant_end|>", "<|bos|>") if n in self.special]
+        stop = frozenset(stop_tokens)
+        max_new = min(max_tokens, self.max_seq_len - len(prompt) + 1)
+        need = self.beam_pages_needed(len(prompt), num_beams, max_tokens)
+        if need > self.cache.allocator.num_free:
+            raise OutOfPages(f"beam search with {num_beams} beams needs up to {need} pages, "
+                             f"{self.cache.allocator.num_free} of {self.cache.allocator.num_pages} are free")
+        alloc = self.cache.allocator
+        hyps: list[BeamHypothesis] = []
+
+        def add_hyp(tokens: list[int], logprob: float, reason: str) -> None:
+            score = logprob / len(tokens) ** length_penalty
+            out = tokens[:-1] if reason == "stop" else tokens
+            hyps.append(BeamHypothesis(out, logprob, score, reason))
+            hyps.sort(key=lambda h: -h.score)
+            del hyps[num_beams:]
+
+        root = SequenceKV()
+        beams: list[tuple[SequenceKV, list[int], float]] = []
+        peak = 0
+        try:
+            self.cache.reserve(root, len(prompt))
+            for i in range(0, len(prompt), self.prefill_chunk):
+                batch = self.cache.batch([root], [prompt[i: i + self.prefill_chunk]])
+                logits = batch.last_rows(self.model(batch.idx, cache=batch))
+                batch.commit()
+                self.stats["forwards"] += 1
+            self.stats["prefilled_tokens"] += len(prompt)
+            beams = [(root, [], 0.0)]
+            peak = alloc.num_used
+            for step in range(max_new):
+                logp = F.log_softmax(logits.float(), dim=-1)
+                scores = torch.tensor([b[2] for b in beams], dtype=torch.float64)[:, None] + logp.double().cpu()
+                V = scores.size(1)
+                vals, order = scores.view(-1).sort(descending=True, stable=True)
+                children: list[tuple[int, list[int], float]] = []
+                for rank, (v, idx) in enumerate(zip(vals[: 2 * num_beams].tolist(), order[: 2 * num_beams].tolist())):
+                    parent, t = divmod(idx, V)
+                    tokens = beams[parent][1] + [t]
+                    if t in stop:
+                        if rank < num_beams:
+                            add_hyp(tokens, v, "stop")
+                        continue
+                    children.append((parent, tokens, v))
+                    if len(children) == num_beams:
+                        break
+                self.stats["sampled_tokens"] += len(beams)
+                if step == max_new - 1:
+                    for _, tokens, v in children:
+                        add_hyp(tokens, v, "length")
+                    break
+                if not children:
+                    break
+                if len(hyps) >= num_beams:
+                    if early_stopping or num_beams == 1:
+                        break
+                    best = children[0][2]  # the best running beam; its score can only fall
+                    cur = step + 1
+                    bound = best / (max_new ** length_penalty if length_penalty > 0 else (cur + 1) ** length_penalty)
+                    if bound <= hyps[-1].score:
+                        break
+                # fork the children off their parents, drop the parents, then give each child its own last page
+                kids = [self.cache.fork(beams[parent][0]) for parent, _, _ in children]
+                for kv, _, _ in beams:
+                    self.cache.release(kv)
+                beams = []
+                for kv, (_, tokens, v) in zip(kids, children):
+                    beams.append((kv, tokens, v))
+                for kv, _, _ in beams:
+                    self.stats["cow_pages"] += self.cache.make_writable(kv, kv.length + 1)
+                peak = max(peak, alloc.num_used)
+                batch = self.cache.batch([b[0] for b in beams], [[b[1][-1]] for b in beams])
+                logits = batch.last_rows(self.model(batch.idx, cache=batch))
+                batch.commit()
+                self.stats["forwards"] += 1
+        finally:
+            for kv, _, _ in beams:
+                self.cache.release(kv)
+            if not beams:
+                self.cache.release(root)
+            self.stats["beam_peak_pages"] = peak
+        return hyps
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _worst_case(self, prompt: list[int], params: SamplingParams) -> int:

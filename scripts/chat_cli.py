@@ -114,16 +114,17 @@ def checkpoint_and_tokenizer(args: argparse.Namespace, base_dir: Path) -> tuple[
     return ckpt_dir, step, tokenizer
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
-    """The engine, the tokenizer, and a line that says what was loaded. Raises UsageError, CheckpointError or
-    FileNotFoundError (each naming the flag or the file) for what the user can fix."""
+def build_engine(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Engine, Tokenizer, str]:
+    """The engine (decoding up to max_batch_size sequences at once), the tokenizer, and a line that says what was
+    loaded. Raises UsageError, CheckpointError or FileNotFoundError (each naming the flag or the file) for what
+    the user can fix."""
     device = resolve_device(args.device)
     check_impl(args.impl, device)
     base_dir = Path(args.base_dir or get_base_dir())
     ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     model, meta = load_model(ckpt_dir, step, device=device, impl=args.impl)
     model.eval()
-    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
                     impl=model.impl)
     source = "" if args.checkpoint_dir else f"{resolve_source(args, base_dir)} model "
     where = f"{source}{model_path(ckpt_dir, step)} (step {meta.get('step', step)}) on {device}, impl {model.impl}"

@@ -1,0 +1,144 @@
+"""Beam search on a tiny random GPT with a 6-token vocabulary: greedy at one beam, the brute-force optimum when the
+beams can hold every prefix, and pages shared between beams (reference counts, copy on write)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from tritonchat.engine.engine import Engine, SamplingParams
+from tritonchat.engine.gpt import GPTConfig, build_model
+from tritonchat.engine.kv_cache import OutOfPages, PageAllocator, SequenceKV
+
+V = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=32, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=128)
+    m = build_model(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 2.0 / math.sqrt(p.size(1)))
+            else:
+                p.uniform_(0.2, 0.8)
+    return m.eval()
+
+
+@torch.no_grad()
+def seq_logprob(model, prompt, tokens):
+    """Sum of log p(tokens | prompt) from the plain full forward (the oracle)."""
+    ids = torch.tensor([list(prompt) + list(tokens)])
+    logp = torch.log_softmax(model(ids)[0].double(), dim=-1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens))
+
+
+@torch.no_grad()
+def brute_force(model, prompt, max_new, stop, length_penalty):
+    """The best-scoring continuation over all of them: ended by the stop token (counted in the length) or at
+    max_new tokens. One plain forward over all V ** max_new full-length continuations scores every prefix."""
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=max_new)))
+    ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], dim=1)
+    logp = torch.log_softmax(model(ids).double(), dim=-1)[:, len(prompt) - 1: -1]  # (N, max_new, V)
+    step = logp.gather(2, seqs[:, :, None])[:, :, 0].cumsum(1)  # log p of each prefix
+    best = None
+    for row, seq in enumerate(seqs.tolist()):
+        for n in range(1, max_new + 1):
+            if any(t in stop for t in seq[: n - 1]) or (n < max_new and seq[n - 1] not in stop):
+                continue
+            score = step[row, n - 1].item() / n ** length_penalty
+            if best is None or score > best[0]:
+                best = (score, seq[: n - 1] if seq[n - 1] in stop else seq[:n])
+    return best
+
+
+def test_one_beam_is_greedy(model):
+    engine = Engine(model, page_size=4, max_batch_size=4)
+    for prompt, stop in [([1, 2, 3], ()), ([4, 0, 5, 5, 1], (2,)), ([3], (0, 1))]:
+        greedy = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, stop_tokens=stop))[0]
+        (h,) = engine.beam_search(prompt, num_beams=1, max_tokens=10, stop_tokens=stop)
+        assert h.tokens == greedy.tokens and h.finish_reason == greedy.finish_reason
+    assert engine.cache.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("stop,length_penalty", [((), 1.0), ((2,), 1.0), ((2,), 0.0), ((0, 4), 2.0)])
+def test_beam_search_finds_the_brute_force_optimum(model, stop, length_penalty):
+    prompt, max_new = [1, 3, 5, 0, 2], 4
+    engine = Engine(model, page_size=4, num_pages=1200, max_batch_size=4)
+    # V ** (max_new - 1) beams keep every prefix: the search is then exhaustive
+    hyps = engine.beam_search(prompt, num_beams=V ** (max_new - 1), max_tokens=max_new, stop_tokens=stop,
+                              length_penalty=length_penalty)
+    score, tokens = brute_force(model, prompt, max_new, set(stop), length_penalty)
+    assert hyps[0].tokens == tokens
+    assert hyps[0].score == pytest.approx(score, abs=1e-4)
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert engine.cache.allocator.num_used == 0
+
+
+def test_beam_search_beats_or_equals_greedy(model):
+    engine = Engine(model, page_size=4, max_batch_size=4)
+    prompt = [2, 2, 4, 1]
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, stop_tokens=()))[0].tokens
+    best = engine.beam_search(prompt, num_beams=4, max_tokens=6, stop_tokens=())[0]
+    assert best.logprob >= seq_logprob(model, prompt, greedy) - 1e-4
+    assert best.logprob == pytest.approx(seq_logprob(model, prompt, best.tokens), abs=1e-4)
+
+
+def test_beams_share_the_prompt_pages(model):
+    page_size, num_beams, max_new = 4, 4, 6
+    prompt = [1, 2, 3, 4, 5, 0, 1, 2, 3, 4]  # 10 tokens: 2 full pages and a partly filled third
+    engine = Engine(model, page_size=page_size, num_pages=64, max_batch_size=4)
+    engine.beam_search(prompt, num_beams=num_beams, max_tokens=max_new, stop_tokens=())
+    full_copies = num_beams * engine.cache.pages_for(len(prompt) + max_new - 1)  # 16 without sharing
+    shared = len(prompt) // page_size  # the full prompt pages, held once for all beams
+    own = engine.cache.pages_for(len(prompt) + max_new - 1) - shared  # each beam's copied and new pages
+    assert engine.stats["beam_peak_pages"] <= shared + num_beams * own < full_copies
+    assert engine.stats["cow_pages"] >= num_beams - 1  # the partly filled prompt page, copied on write
+    assert engine.cache.allocator.num_used == 0 and engine.cache.allocator.num_free == 64
+
+
+def test_fork_and_copy_on_write(model):
+    engine = Engine(model, page_size=4, num_pages=8, max_batch_size=2)
+    cache = engine.cache
+    s = SequenceKV()
+    cache.reserve(s, 6)
+    b = cache.batch([s], [[1, 2, 3, 4, 5, 0]])
+    model(b.idx, cache=b)
+    b.commit()
+    t = cache.fork(s)
+    assert t.pages == s.pages and cache.allocator.num_used == 2 and cache.allocator.num_refs == 4
+    before = cache.k[:, s.pages[1]].clone()
+    assert cache.make_writable(t, 7) == 1  # the half-full second page is copied
+    assert t.pages[0] == s.pages[0] and t.pages[1] != s.pages[1]
+    assert torch.equal(cache.k[:, t.pages[1]], before)
+    assert cache.make_writable(s, 7) == 0  # s owns its page alone now
+    cache.release(s)
+    cache.release(t)
+    assert cache.allocator.num_used == 0 and cache.allocator.num_free == 8
+
+
+def test_allocator_refcounts():
+    a = PageAllocator(3)
+    p = a.allocate(2)
+    a.share(p)
+    a.free(p)
+    assert a.num_used == 2 and a.num_free == 1
+    a.free(p)
+    assert a.num_used == 0
+    with pytest.raises(ValueError, match="double free"):
+        a.free(p[:1])
+    with pytest.raises(ValueError, match="not allocated"):
+        a.share([0])
+
+
+def test_beam_search_bad_input(model):
+    engine = Engine(model, page_size=4, num_pages=6, max_batch_size=2)
+    with pytest.raises(ValueError, match="num_beams"):
+        engine.beam_search([1], num_beams=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.beam_search([1], num_beams=2, max_tokens=-1)
+    with pytest.raises(OutOfPages):
+        engine.beam_search([1, 2, 3], num_beams=8, max_tokens=20)
+    assert engine.cache.allocator.num_used == 0
