@@ -12,7 +12,6 @@ request: `top_k`, and `num_beams` (with `length_penalty`, `early_stopping`) for 
 Needs the `serve` extra (FastAPI, uvicorn): `pip install -e ".[serve]"`. Importing this module loads neither.
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
