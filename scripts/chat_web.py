@@ -7,7 +7,8 @@ Endpoints: POST /v1/chat/completions and /v1/completions (streamed by server-sen
 GET /v1/models, GET /health (no key needed) and the chat page at /. One engine thread drives `Engine.step` for
 every request at once (continuous batching across HTTP requests); each HTTP request gets its events through its
 own asyncio queue. A client that disconnects is cancelled at once, which frees its pages. Extensions to the OpenAI
-request: `top_k`, and `num_beams` (with `length_penalty`, `early_stopping`) for beam search.
+request: `top_k`, `ignore_eos` (generate max_tokens tokens whatever comes), and `num_beams` (with `length_penalty`,
+`early_stopping`) for beam search.
 
 Needs the `serve` extra (FastAPI, uvicorn): `pip install -e ".[serve]"`. Importing this module loads neither.
 """
@@ -264,6 +265,7 @@ class Choice:
     num_beams: int
     length_penalty: float
     early_stopping: bool
+    ignore_eos: bool
 
 
 def parse_settings(body: dict, cfg: ServerConfig, limit: int) -> Choice:
@@ -296,11 +298,12 @@ def parse_settings(body: dict, cfg: ServerConfig, limit: int) -> Choice:
                      f"an integer in [1, {cfg.max_beams}]", 1)
     length_penalty = _opt(body, "length_penalty", _is_num, "a number", 1.0)
     early_stopping = _opt(body, "early_stopping", lambda x: type(x) is bool, "a boolean", False)
+    ignore_eos = _opt(body, "ignore_eos", lambda x: type(x) is bool, "a boolean", False)
     if num_beams > 1 and n > num_beams:
         raise APIError(400, f"'n' ({n}) cannot exceed 'num_beams' ({num_beams}): beam search returns its n best "
                             f"hypotheses", param="n", code="invalid_value")
     return Choice(max_tokens, float(temperature), top_p, top_k or None, seed, stop, n, stream, include_usage,
-                  num_beams, float(length_penalty), early_stopping)
+                  num_beams, float(length_penalty), early_stopping, ignore_eos)
 
 
 # ---- turning token events into text ---------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
         def on_event(index):
             return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (index, ev))
 
-        jobs = make_jobs(prompts, s, stop_tokens, on_event)
+        jobs = make_jobs(prompts, s, [] if s.ignore_eos else stop_tokens, on_event)
         n_choices = len(prompts) * s.n
         states = [TextState(engine.special, s.stop) for _ in range(n_choices)]
         job_of = {}
