@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen", type=int, default=32, help="max_tokens of each request")
     p.add_argument("--prompt-words", type=int, default=48, help="words in each (random) prompt")
     p.add_argument("--depth", type=int, default=2, help="random model depth (without --checkpoint-dir)")
-    p.add_argument("--vocab-size", type=int, default=512, help="random model's tokenizer vocabulary")
+    p.add_argument("--vocab-size", type=int, default=360, help="random model's tokenizer vocabulary")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=None, help="default: --clients")
