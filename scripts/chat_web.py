@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
+from tritonchat.engine.cli import EXIT_INTERRUPTED, HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.engine import Engine, SamplingParams, TokenEvent
 from tritonchat.engine.kv_cache import OutOfPages
 
@@ -770,7 +770,11 @@ def _main(argv=None) -> int:
           f"{' (API key required)' if cfg.api_key else ''}; Ctrl-C stops", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=5))
-    server.run()  # uvicorn turns Ctrl-C into a graceful shutdown (the lifespan stops the engine thread)
+    try:  # uvicorn turns Ctrl-C into a graceful shutdown (the lifespan stops the engine thread), then re-raises it
+        server.run()
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped (interrupted)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"{PROG}: stopped", file=sys.stderr)
     return 0
 

@@ -352,3 +352,94 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"{chat_web.PROG}: error: ") and err.count("\n") == 1, err
         assert needle in err
+
+
+def tool_transcript(tok, question="what is it"):
+    """A chat prompt and the answer a scripted model gives it: text, a calculator call, the forced result, text."""
+    from tritonchat.engine.calculator import calculate
+
+    sp = tok.encode_special
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": question}]})
+    answer = (tok.encode("fine") + [sp("<|python_start|>"), *tok.encode("12*7"), sp("<|python_end|>"),
+                                    sp("<|output_start|>"), *tok.encode(calculate("12*7")), sp("<|output_end|>")]
+              + tok.encode(" thanks") + [sp("<|assistant_end|>")])
+    return prompt, prompt + answer
+
+
+TOOL_PARTS = [{"type": "text", "text": "fine"}, {"type": "python", "text": "12*7"},
+              {"type": "python_output", "text": "84"}, {"type": "text", "text": " thanks"}]
+
+
+def test_tool_calls_in_the_answer(tok):
+    from tests.engine.test_engine import ScriptedModel
+
+    prompt, transcript = tool_transcript(tok)
+    engine = Engine(ScriptedModel(transcript, tok.get_vocab_size()), tok, max_seq_len=128, impl="torch")
+    with serve(chat_web.create_app(engine, chat_web.ServerConfig(model_name=MODEL))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = chat(client, "what is it", max_tokens=40)
+        msg = r.choices[0].message
+        assert msg.content == "fine[calc: 12*7 = 84]  thanks" and r.choices[0].finish_reason == "stop"
+        assert msg.model_extra["parts"] == TOOL_PARTS  # the extension field: the answer's structure
+        parts = []
+        for c in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what is it"}],
+                                                max_tokens=40, temperature=0, stream=True):
+            part = c.choices[0].delta.model_extra.get("part") if c.choices else None
+            if part and parts and parts[-1]["type"] == part["type"]:
+                parts[-1]["text"] += part["text"]
+            elif part:
+                parts.append(dict(part))
+        assert parts == TOOL_PARTS
+        # the parts go back as the assistant turn's content of the next request
+        history = [{"role": "user", "content": "what is it"}, {"role": "assistant", "content": TOOL_PARTS},
+                   {"role": "user", "content": "and?"}]
+        r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=2, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_stops_on_ctrl_c(tmp_path, model, tok):
+    """`python -m scripts.chat_web` on a saved checkpoint: answers, keeps prompt text out of its log, and ends
+    after a graceful shutdown on SIGINT (Ctrl-C) while a stream is open: one line, exit code 130 (128 + SIGINT)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from tritonchat.engine.checkpoint import save_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    tok.save(tmp_path / "tokenizer")
+    save_checkpoint(tmp_path / "ckpt", 3, model.state_dict(), None, {"step": 3, "model_config": model.config.to_dict()})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "TRITONCHAT_API_KEY": "k3y"}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                             "--tokenizer-dir", str(tmp_path / "tokenizer"), "--port", str(port), "--impl", "torch",
+                             "--device", "cpu", "--model-name", MODEL],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if request(url, "GET", "/health", timeout=2).status_code == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)  # the key from the environment
+        assert chat(client, "zebra secret", max_tokens=3).choices[0].message.content is not None
+        assert request(url, "GET", "/v1/models").status_code == 401
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
+        with open_stream(url, body) as _:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Application shutdown complete" in err and err.rstrip().endswith("stopped (interrupted)")
+    assert "Traceback" not in err and "zebra" not in err + out
