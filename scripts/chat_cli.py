@@ -126,6 +126,9 @@ def build_engine(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Eng
     base_dir = Path(args.base_dir or get_base_dir())
     ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     model, meta = load_model(ckpt_dir, step, device=device, impl=args.impl)
+    num_beams = getattr(args, "num_beams", 1)
+    if num_beams > 1:  # beams fork the conversation's pages: a pool of 2 * num_beams sequences holds any search
+        max_batch_size = max(max_batch_size, 2 * num_beams)
     model.eval()
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
                     impl=model.impl)
@@ -186,11 +189,11 @@ class Chat:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
     engine, tokenizer, where = build_engine(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
-    if args.num_beams < 1:
-        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
     chat = Chat(engine, tokenizer, params, num_beams=args.num_beams)
     print(f"tritonchat: {where}", file=sys.stderr)  # stderr: with -p, stdout is the answer alone
     if args.prompt is not None:
