@@ -574,7 +574,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
             if task not in done:
                 log.info("%s: the client went away", rid)
                 return JSONResponse({}, status_code=499)
-            task.result()  # raises an APIError from the engine
+            if task.exception() is not None:
+                cancel_all()  # the other choices of a request that failed
+                raise task.exception()
             done_log()
             choices = []
             for i, st in enumerate(states):
@@ -617,6 +619,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
                         if fin is not None:
                             yield sse([chunk(index, None if kind == "chat" else "", finish_reason=fin)])
                 except APIError as e:
+                    cancel_all()
                     yield f"data: {json.dumps(e.body())}\n\n"
                 if s.include_usage:
                     yield sse([], usage=usage())

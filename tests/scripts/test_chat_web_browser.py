@@ -123,4 +123,21 @@ def test_the_chat_page_in_headless_chromium(model, tok, browser, tmp_path):  # n
         again, _ = ask("hello there")
         assert again == first and len(bubbles("assistant")) == 1
         assert (tmp_path / "chat_web.png").stat().st_size > 1000
-    print(f"screenshots: {tmp_path}")
+
+
+def test_the_page_shows_calculator_calls(tok, browser, tmp_path):  # noqa: F811
+    from tests.engine.test_engine import ScriptedModel
+    from tests.scripts.test_chat_web import tool_transcript
+
+    _, transcript = tool_transcript(tok, "what is it")
+    engine = Engine(ScriptedModel(transcript, tok.get_vocab_size()), tok, max_seq_len=128, impl="torch")
+    with serve(chat_web.create_app(engine, chat_web.ServerConfig(model_name=MODEL))) as url:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "input").send_keys("what is it")
+        browser.find_element(By.ID, "send").click()
+        wait_for(lambda: browser.find_element(By.ID, "send").is_enabled()
+                 and browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant"), 30, "the answer")
+        answer = browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")[-1]
+        tools = [el.text for el in answer.find_elements(By.CSS_SELECTOR, ".tool")]
+        assert tools == ["calc: 12*7", "= 84"] and answer.text.startswith("fine") and answer.text.endswith("thanks")
+        browser.save_screenshot(str(tmp_path / "chat_web_tool.png"))
