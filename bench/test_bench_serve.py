@@ -11,7 +11,7 @@ from tritonchat.bench import serve  # noqa: E402
 
 
 def test_serve_benchmark_dry_run(tmp_path, capsys):
-    assert serve.main(["--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert serve.main(["--dry-run", "--impl", "torch", "--results-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("serve_*.json")
     r = json.loads(path.read_text())
     assert r["name"] == "serve" and r["env"]["device"] and "commit" in r["env"] and r["env"]["torch"]

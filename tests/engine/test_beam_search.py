@@ -17,7 +17,7 @@ V = 6
 def model():
     torch.manual_seed(0)
     cfg = GPTConfig(sequence_len=32, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=128)
-    m = build_model(cfg)
+    m = build_model(cfg, impl="torch")
     with torch.no_grad():
         for p in m.parameters():
             if p.ndim == 2:
@@ -55,7 +55,7 @@ def brute_force(model, prompt, max_new, stop, length_penalty):
 
 
 def test_one_beam_is_greedy(model):
-    engine = Engine(model, page_size=4, max_batch_size=4)
+    engine = Engine(model, impl="torch", page_size=4, max_batch_size=4)
     for prompt, stop in [([1, 2, 3], ()), ([4, 0, 5, 5, 1], (2,)), ([3], (0, 1))]:
         greedy = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, stop_tokens=stop))[0]
         (h,) = engine.beam_search(prompt, num_beams=1, max_tokens=10, stop_tokens=stop)
@@ -66,7 +66,7 @@ def test_one_beam_is_greedy(model):
 @pytest.mark.parametrize("stop,length_penalty", [((), 1.0), ((2,), 1.0), ((2,), 0.0), ((0, 4), 2.0)])
 def test_beam_search_finds_the_brute_force_optimum(model, stop, length_penalty):
     prompt, max_new = [1, 3, 5, 0, 2], 4
-    engine = Engine(model, page_size=4, num_pages=1200, max_batch_size=4)
+    engine = Engine(model, impl="torch", page_size=4, num_pages=1200, max_batch_size=4)
     # V ** (max_new - 1) beams keep every prefix: the search is then exhaustive
     hyps = engine.beam_search(prompt, num_beams=V ** (max_new - 1), max_tokens=max_new, stop_tokens=stop,
                               length_penalty=length_penalty)
@@ -78,7 +78,7 @@ def test_beam_search_finds_the_brute_force_optimum(model, stop, length_penalty):
 
 
 def test_beam_search_beats_or_equals_greedy(model):
-    engine = Engine(model, page_size=4, max_batch_size=4)
+    engine = Engine(model, impl="torch", page_size=4, max_batch_size=4)
     prompt = [2, 2, 4, 1]
     greedy = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, stop_tokens=()))[0].tokens
     best = engine.beam_search(prompt, num_beams=4, max_tokens=6, stop_tokens=())[0]
@@ -86,10 +86,23 @@ def test_beam_search_beats_or_equals_greedy(model):
     assert best.logprob == pytest.approx(seq_logprob(model, prompt, best.tokens), abs=1e-4)
 
 
+def test_beam_search_through_the_paged_attention_kernel(model):
+    """The shared and copied pages read through kernels.paged_attention (Triton; the interpreter on a CPU) give
+    the beams of the reference path."""
+    prompt = [1, 2, 3, 4, 5, 0]
+    ref = Engine(model, impl="torch", page_size=4, max_batch_size=4).beam_search(prompt, num_beams=3, max_tokens=4,
+                                                                                stop_tokens=(2,))
+    engine = Engine(model, impl="auto", page_size=4, max_batch_size=4)
+    got = engine.beam_search(prompt, num_beams=3, max_tokens=4, stop_tokens=(2,))
+    assert [h.tokens for h in got] == [h.tokens for h in ref]
+    assert [h.score for h in got] == pytest.approx([h.score for h in ref], abs=1e-4)
+    assert engine.stats["cow_pages"] > 0 and engine.cache.allocator.num_used == 0
+
+
 def test_beams_share_the_prompt_pages(model):
     page_size, num_beams, max_new = 4, 4, 6
     prompt = [1, 2, 3, 4, 5, 0, 1, 2, 3, 4]  # 10 tokens: 2 full pages and a partly filled third
-    engine = Engine(model, page_size=page_size, num_pages=64, max_batch_size=4)
+    engine = Engine(model, impl="torch", page_size=page_size, num_pages=64, max_batch_size=4)
     engine.beam_search(prompt, num_beams=num_beams, max_tokens=max_new, stop_tokens=())
     full_copies = num_beams * engine.cache.pages_for(len(prompt) + max_new - 1)  # 16 without sharing
     shared = len(prompt) // page_size  # the full prompt pages, held once for all beams
@@ -100,7 +113,7 @@ def test_beams_share_the_prompt_pages(model):
 
 
 def test_fork_and_copy_on_write(model):
-    engine = Engine(model, page_size=4, num_pages=8, max_batch_size=2)
+    engine = Engine(model, impl="torch", page_size=4, num_pages=8, max_batch_size=2)
     cache = engine.cache
     s = SequenceKV()
     cache.reserve(s, 6)
@@ -134,7 +147,7 @@ def test_allocator_refcounts():
 
 
 def test_beam_search_bad_input(model):
-    engine = Engine(model, page_size=4, num_pages=6, max_batch_size=2)
+    engine = Engine(model, impl="torch", page_size=4, num_pages=6, max_batch_size=2)
     with pytest.raises(ValueError, match="num_beams"):
         engine.beam_search([1], num_beams=0)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -74,7 +74,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    m = build_model(GPTConfig.from_depth(1, vocab_size=tok.get_vocab_size(), sequence_len=256))
+    m = build_model(GPTConfig.from_depth(1, vocab_size=tok.get_vocab_size(), sequence_len=256), impl="torch")
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -105,7 +105,7 @@ def serve(app):
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    engine = Engine(model, tok, page_size=16, max_batch_size=32, max_seq_len=256)
+    engine = Engine(model, tok, page_size=16, max_batch_size=32, max_seq_len=256, impl="torch")
     cfg = chat_web.ServerConfig(model_name=MODEL, max_prompt_tokens=100, max_messages=8, max_body_bytes=20_000)
     app = chat_web.create_app(engine, cfg)
     with serve(app) as url:
@@ -310,7 +310,8 @@ def test_routes_and_health(server):
 def test_beam_search_through_the_api(server, client, model, tok):
     r = chat(client, "hello there", max_tokens=10, n=2, extra_body={"num_beams": 3, "length_penalty": 0.5})
     assert len(r.choices) == 2
-    reference = Engine(model, tok, page_size=16, max_batch_size=4)  # the server is idle: same model, own cache
+    # the server is idle: the same model with a cache of its own gives the reference
+    reference = Engine(model, tok, page_size=16, max_batch_size=4, impl="torch")
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello there"}]})
     hyps = reference.beam_search(prompt, num_beams=3, max_tokens=10, length_penalty=0.5)
     assert [c.message.content for c in r.choices] == [tok.decode(h.tokens) for h in hyps[:2]]
@@ -322,7 +323,7 @@ def test_beam_search_through_the_api(server, client, model, tok):
 
 
 def test_api_key(model, tok):
-    engine = Engine(model, tok, page_size=16, max_batch_size=4)
+    engine = Engine(model, tok, page_size=16, max_batch_size=4, impl="torch")
     app = chat_web.create_app(engine, chat_web.ServerConfig(model_name=MODEL, api_key="s3cret"))
     with serve(app) as url:
         for key in (None, "wrong", "s3cret-but-longer"):

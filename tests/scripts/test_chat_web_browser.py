@@ -57,7 +57,7 @@ def wait_for(cond, timeout=30.0, what="a condition"):
 
 
 def test_the_chat_page_in_headless_chromium(model, tok, browser, tmp_path):  # noqa: F811
-    engine = Engine(model, tok, page_size=16, max_batch_size=8, max_seq_len=256)
+    engine = Engine(model, tok, page_size=16, max_batch_size=8, max_seq_len=256, impl="torch")
     step = engine.step
 
     def slow_step():  # 30 ms a token, so the page is seen mid-answer
