@@ -17,7 +17,8 @@ Tool use (SPEC §11): the tokens between <|python_start|> and <|python_end|> are
 calculator; <|output_start|> result <|output_end|> is then forced into the stream (fed to the model as one chunk,
 reported with forced=True). Forced tokens count towards max_tokens.
 
-Beam search (`beam_search`) runs apart from the step loop, its beams sharing the prompt's pages.
+Beam search (`beam_search`, or `start_beam_search` to advance it one forward at a time between `step()`s) keeps
+its beams on shared pages: they fork the prompt's pages instead of copying them.
 
 Prefix reuse: a request made in a `Session` keeps its sequence's pages after it finishes; the session's next
 request reuses the longest common prefix of the cached tokens and its prompt and prefills only the rest.
@@ -179,6 +180,7 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._requests: dict[int, _Request] = {}
+        self._beam_searches = 0  # open BeamSearch objects, which hold pages of the pool
         self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0,
                       "cow_pages": 0, "beam_peak_pages": 0}
 
@@ -299,7 +301,13 @@ class Engine:
         max_new = min(max_tokens, self.max_seq_len - prompt_len + 1)
         return self.cache.pages_for(prompt_len) + num_beams * (self.cache.pages_for(max_new) + 1)
 
-    @torch.no_grad()
+    def start_beam_search(self, prompt: Sequence[int], num_beams: int = 4, max_tokens: int = 256,
+                          length_penalty: float = 1.0, early_stopping: bool = False,
+                          stop_tokens: Sequence[int] | None = None) -> BeamSearch:
+        """A beam search to advance one forward at a time (`BeamSearch.step`), e.g. between `step()`s, so that
+        requests keep running beside it. See `beam_search`."""
+        return BeamSearch(self, prompt, num_beams, max_tokens, length_penalty, early_stopping, stop_tokens)
+
     def beam_search(self, prompt: Sequence[int], num_beams: int = 4, max_tokens: int = 256,
                     length_penalty: float = 1.0, early_stopping: bool = False,
                     stop_tokens: Sequence[int] | None = None) -> list[BeamHypothesis]:
@@ -314,100 +322,15 @@ class Engine:
 
         The beams share pages: the prompt is prefilled once, a child beam forks its parent's pages (reference
         counts in the allocator) and copies only a shared, partly filled last page before appending to it.
-        The calculator is not run (tool calls are generated as plain tokens). This runs its own forwards; call it
-        between `step()`s. Raises OutOfPages, before any work, when the free pages are too few for the worst
-        case (`beam_pages_needed`)."""
-        if type(num_beams) is not int or num_beams < 1:
-            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-        SamplingParams(max_tokens=max_tokens)  # the same check of max_tokens
-        prompt = [int(t) for t in prompt]
-        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"the prompt must hold at least one token, ids in [0, {self.vocab_size})")
-        if len(prompt) > self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len ({self.max_seq_len})")
-        if stop_tokens is None:
-            stop_tokens = [self.special[n] for n in ("<|assistant_end|>", "<|bos|>") if n in self.special]
-        stop = frozenset(stop_tokens)
-        max_new = min(max_tokens, self.max_seq_len - len(prompt) + 1)
-        need = self.beam_pages_needed(len(prompt), num_beams, max_tokens)
-        if need > self.cache.allocator.num_free:
-            raise OutOfPages(f"beam search with {num_beams} beams needs up to {need} pages, "
-                             f"{self.cache.allocator.num_free} of {self.cache.allocator.num_pages} are free")
-        alloc = self.cache.allocator
-        hyps: list[BeamHypothesis] = []
-
-        def add_hyp(tokens: list[int], logprob: float, reason: str) -> None:
-            score = logprob / len(tokens) ** length_penalty
-            out = tokens[:-1] if reason == "stop" else tokens
-            hyps.append(BeamHypothesis(out, logprob, score, reason))
-            hyps.sort(key=lambda h: -h.score)
-            del hyps[num_beams:]
-
-        root = SequenceKV()
-        beams: list[tuple[SequenceKV, list[int], float]] = []
-        peak = 0
+        The calculator is not run (tool calls are generated as plain tokens). Raises OutOfPages, before any
+        work, when the free pages are too few for the worst case (`beam_pages_needed`)."""
+        search = self.start_beam_search(prompt, num_beams, max_tokens, length_penalty, early_stopping, stop_tokens)
         try:
-            self.cache.reserve(root, len(prompt))
-            for i in range(0, len(prompt), self.prefill_chunk):
-                batch = self.cache.batch([root], [prompt[i: i + self.prefill_chunk]])
-                logits = batch.last_rows(self.model(batch.idx, cache=batch))
-                batch.commit()
-                self.stats["forwards"] += 1
-            self.stats["prefilled_tokens"] += len(prompt)
-            beams = [(root, [], 0.0)]
-            peak = alloc.num_used
-            for step in range(max_new):
-                logp = F.log_softmax(logits.float(), dim=-1)
-                scores = torch.tensor([b[2] for b in beams], dtype=torch.float64)[:, None] + logp.double().cpu()
-                V = scores.size(1)
-                vals, order = scores.view(-1).sort(descending=True, stable=True)
-                children: list[tuple[int, list[int], float]] = []
-                for rank, (v, idx) in enumerate(zip(vals[: 2 * num_beams].tolist(), order[: 2 * num_beams].tolist())):
-                    parent, t = divmod(idx, V)
-                    tokens = beams[parent][1] + [t]
-                    if t in stop:
-                        if rank < num_beams:
-                            add_hyp(tokens, v, "stop")
-                        continue
-                    children.append((parent, tokens, v))
-                    if len(children) == num_beams:
-                        break
-                self.stats["sampled_tokens"] += len(beams)
-                if step == max_new - 1:
-                    for _, tokens, v in children:
-                        add_hyp(tokens, v, "length")
-                    break
-                if not children:
-                    break
-                if len(hyps) >= num_beams:
-                    if early_stopping or num_beams == 1:
-                        break
-                    best = children[0][2]  # the best running beam; its score can only fall
-                    cur = step + 1
-                    bound = best / (max_new ** length_penalty if length_penalty > 0 else (cur + 1) ** length_penalty)
-                    if bound <= hyps[-1].score:
-                        break
-                # fork the children off their parents, drop the parents, then give each child its own last page
-                kids = [self.cache.fork(beams[parent][0]) for parent, _, _ in children]
-                for kv, _, _ in beams:
-                    self.cache.release(kv)
-                beams = []
-                for kv, (_, tokens, v) in zip(kids, children):
-                    beams.append((kv, tokens, v))
-                for kv, _, _ in beams:
-                    self.stats["cow_pages"] += self.cache.make_writable(kv, kv.length + 1)
-                peak = max(peak, alloc.num_used)
-                batch = self.cache.batch([b[0] for b in beams], [[b[1][-1]] for b in beams])
-                logits = batch.last_rows(self.model(batch.idx, cache=batch))
-                batch.commit()
-                self.stats["forwards"] += 1
+            while not search.step():
+                pass
         finally:
-            for kv, _, _ in beams:
-                self.cache.release(kv)
-            if not beams:
-                self.cache.release(root)
-            self.stats["beam_peak_pages"] = peak
-        return hyps
+            search.close()
+        return search.hypotheses
 
     # ---- internals --------------------------------------------------------------------------------------------
     def _worst_case(self, prompt: list[int], params: SamplingParams) -> int:
@@ -427,8 +350,8 @@ class Engine:
             try:
                 self.cache.reserve(kv, self._worst_case(req.prompt, req.params))
             except OutOfPages as e:
-                if self._running:
-                    return  # wait for running requests to free pages
+                if self._running or self._beam_searches:
+                    return  # wait for running requests (or beam searches) to free pages
                 raise OutOfPages(f"request {req.id} cannot start: {e}; the other pages are held by idle sessions "
                                  f"(close them)") from None
             self._waiting.popleft()
@@ -523,3 +446,150 @@ class Engine:
         if req.session is not None:
             req.session.busy = False
         return TokenEvent(req.id, None, tail, finish_reason=reason)
+
+
+class BeamSearch:
+    """One beam search over an engine's cache (see `Engine.beam_search`), advanced by `step()`, one forward each.
+
+    It takes its worst case of pages (`Engine.beam_pages_needed`) from the pool when it starts and holds the part
+    its beams do not use as a reserve, so requests admitted meanwhile can never leave it short; `close()` (done
+    for it when it finishes) returns everything."""
+
+    def __init__(self, engine: Engine, prompt: Sequence[int], num_beams: int, max_tokens: int,
+                 length_penalty: float, early_stopping: bool, stop_tokens: Sequence[int] | None) -> None:
+        if type(num_beams) is not int or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        SamplingParams(max_tokens=max_tokens)  # the same check of max_tokens
+        prompt = [int(t) for t in prompt]
+        if not prompt or min(prompt) < 0 or max(prompt) >= engine.vocab_size:
+            raise ValueError(f"the prompt must hold at least one token, ids in [0, {engine.vocab_size})")
+        if len(prompt) > engine.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len ({engine.max_seq_len})")
+        if stop_tokens is None:
+            stop_tokens = [engine.special[n] for n in ("<|assistant_end|>", "<|bos|>") if n in engine.special]
+        self.engine, self.cache, self.alloc = engine, engine.cache, engine.cache.allocator
+        self.prompt, self.num_beams, self.length_penalty = prompt, num_beams, length_penalty
+        self.early_stopping, self.stop = early_stopping, frozenset(stop_tokens)
+        self.max_new = min(max_tokens, engine.max_seq_len - len(prompt) + 1)
+        self.budget = engine.beam_pages_needed(len(prompt), num_beams, max_tokens)
+        if self.budget > self.alloc.num_free:
+            raise OutOfPages(f"beam search with {num_beams} beams needs up to {self.budget} pages, "
+                             f"{self.alloc.num_free} of {self.alloc.num_pages} are free")
+        self._reserve = self.alloc.allocate(self.budget)
+        self.hypotheses: list[BeamHypothesis] = []
+        self.beams: list[tuple[SequenceKV, list[int], float]] = []  # (pages, tokens, summed logprob)
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+        self.done = False
+        self.peak_pages = 0  # distinct pages the beams held at most
+        self._closed = False
+        engine._beam_searches += 1
+
+    @property
+    def pages_in_use(self) -> int:
+        return len({p for kv, _, _ in self.beams for p in kv.pages})
+
+    def _release_reserve(self) -> None:
+        self.alloc.free(self._reserve)
+        self._reserve = []
+
+    def _refill_reserve(self) -> None:
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        self.engine.stats["beam_peak_pages"] = max(self.engine.stats["beam_peak_pages"], self.pages_in_use)
+        want = min(self.budget - self.pages_in_use, self.alloc.num_free)
+        self._reserve = self.alloc.allocate(max(0, want))
+
+    def _add_hyp(self, tokens: list[int], logprob: float, reason: str) -> None:
+        score = logprob / len(tokens) ** self.length_penalty
+        out = tokens[:-1] if reason == "stop" else tokens
+        self.hypotheses.append(BeamHypothesis(out, logprob, score, reason))
+        self.hypotheses.sort(key=lambda h: -h.score)
+        del self.hypotheses[self.num_beams:]
+
+    def _forward(self, seqs: list[SequenceKV], chunks: list[list[int]]) -> torch.Tensor:
+        batch = self.cache.batch(seqs, chunks)
+        logits = batch.last_rows(self.engine.model(batch.idx, cache=batch))
+        batch.commit()
+        self.engine.stats["forwards"] += 1
+        return logits
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One forward (the prompt's prefill first, then one token for every beam); True once finished."""
+        if self.done:
+            return True
+        self._release_reserve()
+        try:
+            if self.logits is None:
+                root = SequenceKV()
+                self.beams = [(root, [], 0.0)]
+                self.cache.reserve(root, len(self.prompt))
+                for i in range(0, len(self.prompt), self.engine.prefill_chunk):
+                    self.logits = self._forward([root], [self.prompt[i: i + self.engine.prefill_chunk]])
+                self.engine.stats["prefilled_tokens"] += len(self.prompt)
+            else:
+                self._advance()
+        except BaseException:
+            self.close()
+            raise
+        if self.done:
+            self.close()
+        else:
+            self._refill_reserve()
+        return self.done
+
+    def _advance(self) -> None:
+        nb, beams = self.num_beams, self.beams
+        logp = F.log_softmax(self.logits.float(), dim=-1)
+        scores = torch.tensor([b[2] for b in beams], dtype=torch.float64)[:, None] + logp.double().cpu()
+        V = scores.size(1)
+        vals, order = scores.view(-1).sort(descending=True, stable=True)
+        children: list[tuple[int, list[int], float]] = []
+        for rank, (v, idx) in enumerate(zip(vals[: 2 * nb].tolist(), order[: 2 * nb].tolist())):
+            parent, t = divmod(idx, V)
+            tokens = beams[parent][1] + [t]
+            if t in self.stop:
+                if rank < nb:
+                    self._add_hyp(tokens, v, "stop")
+                continue
+            children.append((parent, tokens, v))
+            if len(children) == nb:
+                break
+        self.engine.stats["sampled_tokens"] += len(beams)
+        self.steps += 1
+        if self.steps == self.max_new:
+            for _, tokens, v in children:
+                self._add_hyp(tokens, v, "length")
+            self.done = True
+            return
+        if not children:
+            self.done = True
+            return
+        if len(self.hypotheses) >= nb:
+            lp = self.length_penalty
+            # the best running beam's score can only fall; its best normalized score comes at the longest
+            # length when lp > 0, at the next token otherwise
+            bound = children[0][2] / (self.max_new ** lp if lp > 0 else (self.steps + 1) ** lp)
+            if self.early_stopping or nb == 1 or bound <= self.hypotheses[-1].score:
+                self.done = True
+                return
+        # fork the children off their parents, drop the parents, then give each child its own last page
+        kids = [self.cache.fork(beams[parent][0]) for parent, _, _ in children]
+        for kv, _, _ in beams:
+            self.cache.release(kv)
+        self.beams = [(kv, tokens, v) for kv, (_, tokens, v) in zip(kids, children)]
+        for kv, _, _ in self.beams:
+            self.engine.stats["cow_pages"] += self.cache.make_writable(kv, kv.length + 1)
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        self.logits = self._forward([b[0] for b in self.beams], [[b[1][-1]] for b in self.beams])
+
+    def close(self) -> None:
+        """Return every page (the beams' and the reserve); the search ends where it is."""
+        if self._closed:
+            return
+        for kv, _, _ in self.beams:
+            self.cache.release(kv)
+        self.beams = []
+        self._release_reserve()
+        self.done = self._closed = True
+        self.engine._beam_searches -= 1

@@ -105,7 +105,8 @@ class EngineWorker:
         self.engine, self.max_queue = engine, max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}
-        self._beams: deque[Job] = deque()
+        self._beams: deque[Job] = deque()  # beam-search jobs waiting for pages
+        self._searches: dict[int, tuple[Job, Any]] = {}  # running ones: their engine.BeamSearch
         self._active = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -165,30 +166,52 @@ class EngineWorker:
             elif job in self._beams:
                 self._beams.remove(job)
                 self._done(job)
+            elif id(job) in self._searches:
+                self._searches.pop(id(job))[1].close()
+                self._done(job)
 
-    def _run_beam(self) -> None:
-        job = self._beams[0]
-        b = job.beam
-        try:
-            hyps = self.engine.beam_search(job.prompt, num_beams=b["num_beams"], max_tokens=job.params.max_tokens,
-                                           length_penalty=b["length_penalty"], early_stopping=b["early_stopping"],
-                                           stop_tokens=job.params.stop_tokens)
-        except OutOfPages as e:
-            if self.engine.has_work():
-                return  # wait for the running requests to free their pages
-            out: Any = ValueError(str(e))
-        except ValueError as e:
-            out = e
-        else:
-            out = BeamResult(hyps[: b["num_return"]])
-        self._beams.popleft()
-        self._done(job)
-        job.on_event(out)
+    def _advance_beams(self) -> None:
+        """Start the waiting beam searches that fit, then advance each running one by one forward."""
+        while self._beams:
+            job = self._beams[0]
+            b = job.beam
+            try:
+                search = self.engine.start_beam_search(
+                    job.prompt, num_beams=b["num_beams"], max_tokens=job.params.max_tokens,
+                    length_penalty=b["length_penalty"], early_stopping=b["early_stopping"],
+                    stop_tokens=job.params.stop_tokens)
+            except OutOfPages as e:
+                if self.engine.has_work() or self._searches:
+                    break  # wait for the running requests and searches to free their pages
+                self._beams.popleft()
+                self._done(job)
+                job.on_event(ValueError(str(e)))
+                continue
+            except ValueError as e:
+                self._beams.popleft()
+                self._done(job)
+                job.on_event(e)
+                continue
+            self._beams.popleft()
+            self._searches[id(job)] = (job, search)
+        for key, (job, search) in list(self._searches.items()):
+            try:
+                done = search.step()
+            except Exception as e:
+                log.exception("beam search failed")
+                search.close()
+                done, out = True, RuntimeError(f"the engine failed: {type(e).__name__}")
+            else:
+                out = BeamResult(search.hypotheses[: job.beam["num_return"]])
+            if done:
+                del self._searches[key]
+                self._done(job)
+                job.on_event(out)
 
     def _run(self) -> None:
         engine = self.engine
         while not self._stopping.is_set():
-            idle = not engine.has_work() and not self._beams
+            idle = not engine.has_work() and not self._beams and not self._searches
             try:
                 kind, job = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
                 self._handle(kind, job)
@@ -199,8 +222,8 @@ class EngineWorker:
                 pass
             if self._stopping.is_set():
                 break
-            if self._beams:
-                self._run_beam()
+            if self._beams or self._searches:
+                self._advance_beams()
             if not engine.has_work():
                 continue
             try:
@@ -224,6 +247,10 @@ class EngineWorker:
                     self._done(j)
                 j.on_event(ev)
         # shutting down: cancel what is left so every page goes back
+        for job, search in self._searches.values():
+            search.close()
+            job.on_event(RuntimeError("the server is shutting down"))
+        self._searches.clear()
         for rid, j in list(self._jobs.items()):
             engine.cancel(rid)
             engine.result(rid)

@@ -103,13 +103,46 @@ def test_beams_share_the_prompt_pages(model):
     page_size, num_beams, max_new = 4, 4, 6
     prompt = [1, 2, 3, 4, 5, 0, 1, 2, 3, 4]  # 10 tokens: 2 full pages and a partly filled third
     engine = Engine(model, impl="torch", page_size=page_size, num_pages=64, max_batch_size=4)
-    engine.beam_search(prompt, num_beams=num_beams, max_tokens=max_new, stop_tokens=())
+    alloc = engine.cache.allocator
+    search = engine.start_beam_search(prompt, num_beams=num_beams, max_tokens=max_new, stop_tokens=())
+    assert alloc.num_used == search.budget  # its worst case, taken from the pool up front
+    search.step()  # the prefill
+    search.step()  # the first token: 4 beams forked off the prompt
+    pages = [kv.pages for kv, _, _ in search.beams]
+    assert len(pages) == num_beams
+    shared = pages[0][:2]
+    assert all(p[:2] == shared for p in pages)  # the full prompt pages: one copy for all beams
+    assert all(alloc.refcount(p) == num_beams for p in shared)
+    assert len({p[2] for p in pages}) == num_beams  # the partly filled page: copied on write, one per beam
+    assert search.pages_in_use == 2 + num_beams < num_beams * 3
+    assert engine.stats["cow_pages"] == num_beams - 1  # the last beam writes to the original in place
+    while not search.step():
+        assert search.pages_in_use <= 2 + num_beams * 2
     full_copies = num_beams * engine.cache.pages_for(len(prompt) + max_new - 1)  # 16 without sharing
-    shared = len(prompt) // page_size  # the full prompt pages, held once for all beams
-    own = engine.cache.pages_for(len(prompt) + max_new - 1) - shared  # each beam's copied and new pages
-    assert engine.stats["beam_peak_pages"] <= shared + num_beams * own < full_copies
-    assert engine.stats["cow_pages"] >= num_beams - 1  # the partly filled prompt page, copied on write
-    assert engine.cache.allocator.num_used == 0 and engine.cache.allocator.num_free == 64
+    assert search.peak_pages < full_copies
+    assert alloc.num_used == 0 and alloc.num_free == 64
+
+
+def test_requests_run_beside_a_beam_search(model):
+    """A search advanced between steps: requests admitted meanwhile get what they get alone, the search what it
+    gets alone, and a request that must wait for pages waits (no OutOfPages)."""
+    prompts = [[1, 2, 3], [4, 5], [0, 0, 1, 3]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop_tokens=())
+    alone = Engine(model, impl="torch", page_size=4, max_batch_size=4)
+    want = [g.tokens for g in alone.generate(prompts, params)]
+    want_beams = alone.beam_search([5, 4, 3], num_beams=3, max_tokens=6, stop_tokens=(2,))
+    need = alone.beam_pages_needed(3, 3, 6)
+    # room for the search and one request at a time
+    engine = Engine(model, impl="torch", page_size=4, num_pages=need + 3, max_batch_size=4)
+    search = engine.start_beam_search([5, 4, 3], num_beams=3, max_tokens=6, stop_tokens=(2,))
+    ids = [engine.add_request(p, params) for p in prompts]
+    while engine.has_work() or not search.done:
+        search.step()
+        engine.step()
+        assert search.done or engine.num_running <= 1  # the search holds its worst case
+    assert [engine.result(i).tokens for i in ids] == want
+    assert [h.tokens for h in search.hypotheses] == [h.tokens for h in want_beams]
+    assert engine.cache.allocator.num_used == 0
 
 
 def test_fork_and_copy_on_write(model):

@@ -319,6 +319,15 @@ def test_beam_search_through_the_api(server, client, model, tok):
     assert one.choices[0].message.content == chat(client, "hello there", max_tokens=10).choices[0].message.content
     streamed = stream_text(client, "hello there", max_tokens=10, extra_body={"num_beams": 3, "length_penalty": 0.5})
     assert streamed[0] == r.choices[0].message.content
+    # beam searches and sampled requests at once: each gets what it gets alone
+    greedy = [stream_text(client, p, max_tokens=10) for p in ("how are", "you fine")]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        beams = [pool.submit(chat, client, "hello there", max_tokens=10, n=2,
+                             extra_body={"num_beams": 3, "length_penalty": 0.5}) for _ in range(2)]
+        streams = [pool.submit(stream_text, client, p, max_tokens=10) for p in ("how are", "you fine")]
+        assert [f.result() for f in streams] == greedy
+        assert all([c.message.content for c in f.result().choices] == [c.message.content for c in r.choices]
+                   for f in beams)
     assert wait_idle(server)
 
 
