@@ -152,9 +152,9 @@ class EngineWorker:
             else:
                 try:
                     job.rid = self.engine.add_request(job.prompt, job.params)
-                except ValueError as e:
+                except Exception as e:  # ValueError: the request can never run; anything else is a bug
                     self._done(job)
-                    job.on_event(e)
+                    job.on_event(e if isinstance(e, ValueError) else RuntimeError(f"{type(e).__name__}: {e}"))
                     return
                 self._jobs[job.rid] = job
         elif kind == "cancel":
@@ -220,6 +220,8 @@ class EngineWorker:
                     self._handle(kind, job)
             except queue.Empty:
                 pass
+            except Exception:  # a bug: keep the thread serving the others
+                log.exception("engine thread: handling a request failed")
             if self._stopping.is_set():
                 break
             if self._beams or self._searches:
@@ -308,7 +310,8 @@ def parse_settings(body: dict, cfg: ServerConfig, limit: int) -> Choice:
     temperature = _opt(body, "temperature", lambda x: _is_num(x) and 0 <= x <= 2, "a number in [0, 2]", 1.0)
     top_p = _opt(body, "top_p", lambda x: _is_num(x) and 0 < x <= 1, "a number in (0, 1]")
     top_k = _opt(body, "top_k", lambda x: _is_int(x) and x >= 0, "an integer >= 0 (0 disables)")
-    seed = _opt(body, "seed", lambda x: _is_int(x) and x >= 0, "an integer >= 0")
+    seed = _opt(body, "seed", lambda x: _is_int(x) and 0 <= x < 2**63 - cfg.max_n,
+                f"an integer in [0, 2**63 - {cfg.max_n})")
     n = _opt(body, "n", lambda x: _is_int(x) and 1 <= x <= cfg.max_n, f"an integer in [1, {cfg.max_n}]", 1)
     stream = _opt(body, "stream", lambda x: type(x) is bool, "a boolean", False)
     opts = _opt(body, "stream_options", lambda x: isinstance(x, dict), "an object", {})
@@ -323,7 +326,8 @@ def parse_settings(body: dict, cfg: ServerConfig, limit: int) -> Choice:
                        code="invalid_type")
     num_beams = _opt(body, "num_beams", lambda x: _is_int(x) and 1 <= x <= cfg.max_beams,
                      f"an integer in [1, {cfg.max_beams}]", 1)
-    length_penalty = _opt(body, "length_penalty", _is_num, "a number", 1.0)
+    length_penalty = _opt(body, "length_penalty", lambda x: _is_num(x) and -10 <= x <= 10, "a number in [-10, 10]",
+                          1.0)
     early_stopping = _opt(body, "early_stopping", lambda x: type(x) is bool, "a boolean", False)
     ignore_eos = _opt(body, "ignore_eos", lambda x: type(x) is bool, "a boolean", False)
     if num_beams > 1 and n > num_beams:
@@ -473,6 +477,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         model = body.get("model")

@@ -274,6 +274,11 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
     ({**GOOD, "messages": [{"role": "user", "content": "hello " * 150}]}, 400, "over the limit of 100"),
     ({**GOOD, "num_beams": 2, "n": 3}, 400, "'n'"),
     ({**GOOD, "num_beams": 0}, 400, "'num_beams'"),
+    ({**GOOD, "seed": 2**70}, 400, "'seed'"),
+    ({**GOOD, "temperature": float("nan")}, 400, "'temperature'"),
+    ({**GOOD, "n": True}, 400, "'n'"),
+    (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+    (b"\xff\xfe{}", 400, "not valid JSON"),
     (json.dumps({**GOOD, "pad": "x" * 30_000}).encode(), 413, "over 20000 bytes"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, body, status, needle):
