@@ -458,3 +458,15 @@ def test_the_command_serves_and_stops_on_ctrl_c(tmp_path, model, tok):
     assert proc.returncode == 130, err
     assert "Application shutdown complete" in err and err.rstrip().endswith("stopped (interrupted)")
     assert "Traceback" not in err and "zebra" not in err + out
+
+
+def test_prompt_text_is_logged_only_when_asked(model, tok, caplog):
+    for log_prompts in (False, True):
+        caplog.clear()
+        engine = Engine(model, tok, page_size=16, max_batch_size=4, impl="torch")
+        cfg = chat_web.ServerConfig(model_name=MODEL, log_prompts=log_prompts)
+        with caplog.at_level("INFO", logger="tritonchat.chat_web"), serve(chat_web.create_app(engine, cfg)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            chat(client, "zebra secret", max_tokens=2)
+        assert "completion tokens" in caplog.text  # the request is logged either way, by counts
+        assert ("zebra secret" in caplog.text) == log_prompts
