@@ -17,6 +17,9 @@ Tool use (SPEC §11): the tokens between <|python_start|> and <|python_end|> are
 calculator; <|output_start|> result <|output_end|> is then forced into the stream (fed to the model as one chunk,
 reported with forced=True). Forced tokens count towards max_tokens.
 
+Beam search (`beam_search`, or `start_beam_search` to advance it one forward at a time between `step()`s) keeps
+its beams on shared pages: they fork the prompt's pages instead of copying them.
+
 Prefix reuse: a request made in a `Session` keeps its sequence's pages after it finishes; the session's next
 request reuses the longest common prefix of the cached tokens and its prompt and prefills only the rest.
 """
@@ -71,6 +74,18 @@ class TokenEvent:
     text: str  # the complete UTF-8 characters this token finishes ("" for special tokens)
     forced: bool = False  # a tool output forced by the engine, not sampled
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the closing event
+
+
+@dataclass
+class BeamHypothesis:
+    """One finished beam: its tokens (the stop token left out), the sum of their log-probabilities (the stop
+    token's included), the score beams are ranked by (logprob / length ** length_penalty, the stop token counted
+    in the length) and why it ended ("stop" or "length")."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+    finish_reason: str
 
 
 @dataclass
@@ -165,7 +180,9 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._requests: dict[int, _Request] = {}
-        self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0}
+        self._beam_searches = 0  # open BeamSearch objects, which hold pages of the pool
+        self.stats = {"prefilled_tokens": 0, "reused_tokens": 0, "forwards": 0, "sampled_tokens": 0,
+                      "cow_pages": 0, "beam_peak_pages": 0}
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def new_session(self) -> Session:
@@ -277,6 +294,44 @@ class Engine:
         self._running = [r for r in self._running if r.finish_reason is None]
         return events
 
+    # ---- beam search ------------------------------------------------------------------------------------------
+    def beam_pages_needed(self, prompt_len: int, num_beams: int, max_tokens: int) -> int:
+        """Pages beam search needs at most: the prompt's once, then each beam's own tail (a copied last page
+        and pages for the tokens it generates)."""
+        max_new = min(max_tokens, self.max_seq_len - prompt_len + 1)
+        return self.cache.pages_for(prompt_len) + num_beams * (self.cache.pages_for(max_new) + 1)
+
+    def start_beam_search(self, prompt: Sequence[int], num_beams: int = 4, max_tokens: int = 256,
+                          length_penalty: float = 1.0, early_stopping: bool = False,
+                          stop_tokens: Sequence[int] | None = None) -> BeamSearch:
+        """A beam search to advance one forward at a time (`BeamSearch.step`), e.g. between `step()`s, so that
+        requests keep running beside it. See `beam_search`."""
+        return BeamSearch(self, prompt, num_beams, max_tokens, length_penalty, early_stopping, stop_tokens)
+
+    def beam_search(self, prompt: Sequence[int], num_beams: int = 4, max_tokens: int = 256,
+                    length_penalty: float = 1.0, early_stopping: bool = False,
+                    stop_tokens: Sequence[int] | None = None) -> list[BeamHypothesis]:
+        """The num_beams best continuations of `prompt` by beam search, best first.
+
+        Each step extends every beam by every token, keeps the 2 * num_beams best candidates by summed
+        log-probability, turns those ending in a stop token (ranked among the first num_beams) into finished
+        hypotheses and keeps the best num_beams others as the next beams; beams still running after max_tokens
+        tokens (or at max_seq_len) finish with "length". Hypotheses are ranked by logprob / length **
+        length_penalty. early_stopping=True ends the search once num_beams hypotheses are finished; False goes on
+        until no running beam could still beat the worst of them. num_beams=1 is greedy decoding.
+
+        The beams share pages: the prompt is prefilled once, a child beam forks its parent's pages (reference
+        counts in the allocator) and copies only a shared, partly filled last page before appending to it.
+        The calculator is not run (tool calls are generated as plain tokens). Raises OutOfPages, before any
+        work, when the free pages are too few for the worst case (`beam_pages_needed`)."""
+        search = self.start_beam_search(prompt, num_beams, max_tokens, length_penalty, early_stopping, stop_tokens)
+        try:
+            while not search.step():
+                pass
+        finally:
+            search.close()
+        return search.hypotheses
+
     # ---- internals --------------------------------------------------------------------------------------------
     def _worst_case(self, prompt: list[int], params: SamplingParams) -> int:
         """Most tokens the cache holds for this request: the last generated token is never fed."""
@@ -295,8 +350,8 @@ class Engine:
             try:
                 self.cache.reserve(kv, self._worst_case(req.prompt, req.params))
             except OutOfPages as e:
-                if self._running:
-                    return  # wait for running requests to free pages
+                if self._running or self._beam_searches:
+                    return  # wait for running requests (or beam searches) to free pages
                 raise OutOfPages(f"request {req.id} cannot start: {e}; the other pages are held by idle sessions "
                                  f"(close them)") from None
             self._waiting.popleft()
@@ -391,3 +446,150 @@ class Engine:
         if req.session is not None:
             req.session.busy = False
         return TokenEvent(req.id, None, tail, finish_reason=reason)
+
+
+class BeamSearch:
+    """One beam search over an engine's cache (see `Engine.beam_search`), advanced by `step()`, one forward each.
+
+    It takes its worst case of pages (`Engine.beam_pages_needed`) from the pool when it starts and holds the part
+    its beams do not use as a reserve, so requests admitted meanwhile can never leave it short; `close()` (done
+    for it when it finishes) returns everything."""
+
+    def __init__(self, engine: Engine, prompt: Sequence[int], num_beams: int, max_tokens: int,
+                 length_penalty: float, early_stopping: bool, stop_tokens: Sequence[int] | None) -> None:
+        if type(num_beams) is not int or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+        SamplingParams(max_tokens=max_tokens)  # the same check of max_tokens
+        prompt = [int(t) for t in prompt]
+        if not prompt or min(prompt) < 0 or max(prompt) >= engine.vocab_size:
+            raise ValueError(f"the prompt must hold at least one token, ids in [0, {engine.vocab_size})")
+        if len(prompt) > engine.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len ({engine.max_seq_len})")
+        if stop_tokens is None:
+            stop_tokens = [engine.special[n] for n in ("<|assistant_end|>", "<|bos|>") if n in engine.special]
+        self.engine, self.cache, self.alloc = engine, engine.cache, engine.cache.allocator
+        self.prompt, self.num_beams, self.length_penalty = prompt, num_beams, length_penalty
+        self.early_stopping, self.stop = early_stopping, frozenset(stop_tokens)
+        self.max_new = min(max_tokens, engine.max_seq_len - len(prompt) + 1)
+        self.budget = engine.beam_pages_needed(len(prompt), num_beams, max_tokens)
+        if self.budget > self.alloc.num_free:
+            raise OutOfPages(f"beam search with {num_beams} beams needs up to {self.budget} pages, "
+                             f"{self.alloc.num_free} of {self.alloc.num_pages} are free")
+        self._reserve = self.alloc.allocate(self.budget)
+        self.hypotheses: list[BeamHypothesis] = []
+        self.beams: list[tuple[SequenceKV, list[int], float]] = []  # (pages, tokens, summed logprob)
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+        self.done = False
+        self.peak_pages = 0  # distinct pages the beams held at most
+        self._closed = False
+        engine._beam_searches += 1
+
+    @property
+    def pages_in_use(self) -> int:
+        return len({p for kv, _, _ in self.beams for p in kv.pages})
+
+    def _release_reserve(self) -> None:
+        self.alloc.free(self._reserve)
+        self._reserve = []
+
+    def _refill_reserve(self) -> None:
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        self.engine.stats["beam_peak_pages"] = max(self.engine.stats["beam_peak_pages"], self.pages_in_use)
+        want = min(self.budget - self.pages_in_use, self.alloc.num_free)
+        self._reserve = self.alloc.allocate(max(0, want))
+
+    def _add_hyp(self, tokens: list[int], logprob: float, reason: str) -> None:
+        score = logprob / len(tokens) ** self.length_penalty
+        out = tokens[:-1] if reason == "stop" else tokens
+        self.hypotheses.append(BeamHypothesis(out, logprob, score, reason))
+        self.hypotheses.sort(key=lambda h: -h.score)
+        del self.hypotheses[self.num_beams:]
+
+    def _forward(self, seqs: list[SequenceKV], chunks: list[list[int]]) -> torch.Tensor:
+        batch = self.cache.batch(seqs, chunks)
+        logits = batch.last_rows(self.engine.model(batch.idx, cache=batch))
+        batch.commit()
+        self.engine.stats["forwards"] += 1
+        return logits
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One forward (the prompt's prefill first, then one token for every beam); True once finished."""
+        if self.done:
+            return True
+        self._release_reserve()
+        try:
+            if self.logits is None:
+                root = SequenceKV()
+                self.beams = [(root, [], 0.0)]
+                self.cache.reserve(root, len(self.prompt))
+                for i in range(0, len(self.prompt), self.engine.prefill_chunk):
+                    self.logits = self._forward([root], [self.prompt[i: i + self.engine.prefill_chunk]])
+                self.engine.stats["prefilled_tokens"] += len(self.prompt)
+            else:
+                self._advance()
+        except BaseException:
+            self.close()
+            raise
+        if self.done:
+            self.close()
+        else:
+            self._refill_reserve()
+        return self.done
+
+    def _advance(self) -> None:
+        nb, beams = self.num_beams, self.beams
+        logp = F.log_softmax(self.logits.float(), dim=-1)
+        scores = torch.tensor([b[2] for b in beams], dtype=torch.float64)[:, None] + logp.double().cpu()
+        V = scores.size(1)
+        vals, order = scores.view(-1).sort(descending=True, stable=True)
+        children: list[tuple[int, list[int], float]] = []
+        for rank, (v, idx) in enumerate(zip(vals[: 2 * nb].tolist(), order[: 2 * nb].tolist())):
+            parent, t = divmod(idx, V)
+            tokens = beams[parent][1] + [t]
+            if t in self.stop:
+                if rank < nb:
+                    self._add_hyp(tokens, v, "stop")
+                continue
+            children.append((parent, tokens, v))
+            if len(children) == nb:
+                break
+        self.engine.stats["sampled_tokens"] += len(beams)
+        self.steps += 1
+        if self.steps == self.max_new:
+            for _, tokens, v in children:
+                self._add_hyp(tokens, v, "length")
+            self.done = True
+            return
+        if not children:
+            self.done = True
+            return
+        if len(self.hypotheses) >= nb:
+            lp = self.length_penalty
+            # the best running beam's score can only fall; its best normalized score comes at the longest
+            # length when lp > 0, at the next token otherwise
+            bound = children[0][2] / (self.max_new ** lp if lp > 0 else (self.steps + 1) ** lp)
+            if self.early_stopping or nb == 1 or bound <= self.hypotheses[-1].score:
+                self.done = True
+                return
+        # fork the children off their parents, drop the parents, then give each child its own last page
+        kids = [self.cache.fork(beams[parent][0]) for parent, _, _ in children]
+        for kv, _, _ in beams:
+            self.cache.release(kv)
+        self.beams = [(kv, tokens, v) for kv, (_, tokens, v) in zip(kids, children)]
+        for kv, _, _ in self.beams:
+            self.engine.stats["cow_pages"] += self.cache.make_writable(kv, kv.length + 1)
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        self.logits = self._forward([b[0] for b in self.beams], [[b[1][-1]] for b in self.beams])
+
+    def close(self) -> None:
+        """Return every page (the beams' and the reserve); the search ends where it is."""
+        if self._closed:
+            return
+        for kv, _, _ in self.beams:
+            self.cache.release(kv)
+        self.beams = []
+        self._release_reserve()
+        self.done = self._closed = True
+        self.engine._beam_searches -= 1

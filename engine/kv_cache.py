@@ -4,7 +4,9 @@ per-step view the model attends through.
 Keys and values of every layer live in two tensors (n_layer, num_pages, page_size, Hkv, D). A sequence owns a
 list of pages (its block table row); token j sits in page pages[j // page_size], row j % page_size, in every
 layer. Pages are handed out and taken back by a free-list allocator, so finished sequences' pages are reused by
-new ones and a sequence can be cut back (prefix reuse) by returning its tail pages.
+new ones and a sequence can be cut back (prefix reuse) by returning its tail pages. Pages are reference-counted:
+`fork` gives a second sequence the same pages (beam search's beams share their prompt), and `make_writable`
+copies a shared, partly filled page before a sequence appends to it (copy on write).
 
 Inference state is explicit: the engine builds a `PagedBatch` for each forward step (which tokens of which
 sequences, at which positions), the model reads positions from it and appends k/v through it, and the engine
@@ -26,14 +28,18 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """A free list over page ids 0..num_pages-1. Double frees and foreign ids are errors."""
+    """A free list over page ids 0..num_pages-1 with a reference count per page in use.
+
+    `allocate` hands out pages with count 1, `share` adds a reference (a forked sequence, e.g. a beam, reading the
+    same prompt pages), `free` drops one and returns the page to the pool when none is left. Freeing a page that
+    is not in use (a double free, a foreign id) is an error."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -41,7 +47,16 @@ class PageAllocator:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Distinct pages in use (a shared page counts once)."""
+        return len(self._refs)
+
+    @property
+    def num_refs(self) -> int:
+        """References held over all pages in use: what num_used would be without sharing."""
+        return sum(self._refs.values())
+
+    def refcount(self, page: int) -> int:
+        return self._refs.get(page, 0)
 
     def allocate(self, n: int) -> list[int]:
         if n < 0:
@@ -49,15 +64,27 @@ class PageAllocator:
         if n > len(self._free):
             raise OutOfPages(f"need {n} pages but only {len(self._free)} of {self.num_pages} are free")
         pages = [self._free.pop() for _ in range(n)]
-        self._used.update(pages)
+        for p in pages:
+            self._refs[p] = 1
         return pages
+
+    def share(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if p not in self._refs:
+                raise ValueError(f"page {p} is not allocated: cannot share it")
+        for p in pages:
+            self._refs[p] += 1
 
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
-            if p not in self._used:
+            n = self._refs.get(p)
+            if n is None:
                 raise ValueError(f"page {p} is not allocated (double free?)")
-            self._used.remove(p)
-            self._free.append(p)
+            if n > 1:
+                self._refs[p] = n - 1
+            else:
+                del self._refs[p]
+                self._free.append(p)
 
 
 @dataclass
@@ -113,6 +140,29 @@ class PagedKVCache:
         self.allocator.free(seq.pages)
         seq.pages.clear()
         seq.tokens.clear()
+
+    def fork(self, seq: SequenceKV) -> SequenceKV:
+        """A new sequence holding the same tokens on the same pages (shared, not copied); pages `seq` reserved
+        past its tokens are not shared. Write to either only after `make_writable`."""
+        pages = seq.pages[: self.pages_for(seq.length)]
+        self.allocator.share(pages)
+        return SequenceKV(list(pages), list(seq.tokens))
+
+    def make_writable(self, seq: SequenceKV, n_tokens: int) -> int:
+        """Pages for n_tokens tokens in all, every page the new tokens go to owned by `seq` alone: a shared,
+        partly filled last page is copied first (copy on write). Returns the number of pages copied."""
+        self.reserve(seq, n_tokens)
+        copied = 0
+        for i in range(seq.length // self.page_size, self.pages_for(n_tokens)):
+            old = seq.pages[i]
+            if self.allocator.refcount(old) > 1:
+                (new,) = self.allocator.allocate(1)
+                self.k[:, new].copy_(self.k[:, old])
+                self.v[:, new].copy_(self.v[:, old])
+                self.allocator.free([old])
+                seq.pages[i] = new
+                copied += 1
+        return copied
 
     def batch(self, seqs: Sequence[SequenceKV], chunks: Sequence[Sequence[int]]) -> PagedBatch:
         return PagedBatch(self, seqs, chunks)

@@ -20,6 +20,7 @@ the new user message (the cache of the conversation so far is reused).
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import sys
@@ -35,7 +36,7 @@ from tritonchat.engine.checkpoint import (
     model_path,
 )
 from tritonchat.engine.cli import HelpFormatter, UsageError, check_impl, command_name, resolve_device, run_main
-from tritonchat.engine.engine import Engine, SamplingParams
+from tritonchat.engine.engine import Engine, SamplingParams, TokenEvent
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
 
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search over this many beams (1: sample, or greedy at temperature 0)")
     p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
                    help="which checkpoints: base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or "
                         "chatpref_checkpoints under <base> "
@@ -123,16 +126,20 @@ def checkpoint_and_tokenizer(args: argparse.Namespace, base_dir: Path) -> tuple[
     return ckpt_dir, step, tokenizer
 
 
-def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, str]:
-    """The engine, the tokenizer, and a line that says what was loaded. Raises UsageError, CheckpointError or
-    FileNotFoundError (each naming the flag or the file) for what the user can fix."""
+def build_engine(args: argparse.Namespace, max_batch_size: int = 1) -> tuple[Engine, Tokenizer, str]:
+    """The engine (decoding up to max_batch_size sequences at once), the tokenizer, and a line that says what was
+    loaded. Raises UsageError, CheckpointError or FileNotFoundError (each naming the flag or the file) for what
+    the user can fix."""
     device = resolve_device(args.device)
     check_impl(args.impl, device)
     base_dir = Path(args.base_dir or get_base_dir())
     ckpt_dir, step, tokenizer = checkpoint_and_tokenizer(args, base_dir)
     model, meta = load_model(ckpt_dir, step, device=device, impl=args.impl)
+    num_beams = getattr(args, "num_beams", 1)
+    if num_beams > 1:  # beams fork the conversation's pages: a pool of 2 * num_beams sequences holds any search
+        max_batch_size = max(max_batch_size, 2 * num_beams)
     model.eval()
-    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len,
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
                     impl=model.impl)
     source = "" if args.checkpoint_dir else f"{resolve_source(args, base_dir)} model "
     where = f"{source}{model_path(ckpt_dir, step)} (step {meta.get('step', step)}) on {device}, impl {model.impl}"
@@ -170,8 +177,9 @@ def answer_content(tokenizer: Tokenizer, tokens: list[int]) -> str | list[dict]:
 class Chat:
     """A conversation held as tokens, answered through one engine session."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, out=None) -> None:
-        self.engine, self.tok, self.params = engine, tokenizer, params
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, out=None,
+                 num_beams: int = 1) -> None:
+        self.engine, self.tok, self.params, self.num_beams = engine, tokenizer, params, num_beams
         self.out = out or sys.stdout
         self.show = {tokenizer.encode_special(k): v for k, v in SHOW_SPECIAL.items()}
         self.turns = 0
@@ -185,13 +193,26 @@ class Chat:
         self.messages: list[dict] = []  # the conversation as text, for `rate`
         self.last_prompt: list[int] | None = None
 
+    def _events(self, prompt: list[int], params: SamplingParams):
+        """The answer's TokenEvents: streamed from the session, or with --num-beams the best beam's tokens once
+        the search ends (beams do not run the calculator)."""
+        if self.num_beams == 1:
+            yield from self.engine.stream(prompt, params, self.session)
+            return
+        best = self.engine.beam_search(prompt, num_beams=self.num_beams, max_tokens=params.max_tokens)[0]
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for t in best.tokens:
+            special = t in self.engine.special.values()
+            yield TokenEvent(0, t, "" if special else decoder.decode(self.tok.enc.decode_single_token_bytes(t)))
+        yield TokenEvent(0, None, decoder.decode(b"", final=True), finish_reason=best.finish_reason)
+
     def ask(self, text: str) -> str:
         sp = self.tok.encode_special
         prompt = self.tokens + [sp("<|user_start|>"), *self.tok.encode(text), sp("<|user_end|>"),
                                 sp("<|assistant_start|>")]
         params = SamplingParams(**{**self.params.__dict__, "seed": (self.params.seed or 0) + self.turns})
         pieces, answer = [], []
-        with contextlib.closing(self.engine.stream(prompt, params, self.session)) as events:
+        with contextlib.closing(self._events(prompt, params)) as events:
             for ev in events:
                 if ev.token is not None:
                     answer.append(ev.token)
@@ -246,10 +267,12 @@ class Chat:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
     engine, tokenizer, where = build_engine(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
-    chat = Chat(engine, tokenizer, params)
+    chat = Chat(engine, tokenizer, params, num_beams=args.num_beams)
     print(f"tritonchat: {where}", file=sys.stderr)  # stderr: with -p, stdout is the answer alone
     if args.prompt is not None:
         chat.ask(args.prompt)

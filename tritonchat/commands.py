@@ -64,3 +64,7 @@ def bench() -> int:
 
 def compile_report() -> int:
     return _run("tritonchat.bench.compile_report", "tritonchat-compile-report")
+
+
+def chat_web() -> int:
+    return _run("tritonchat.scripts.chat_web", "tritonchat-chat-web")

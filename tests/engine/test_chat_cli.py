@@ -147,3 +147,15 @@ def test_ctrl_c_is_one_line(base_dir, monkeypatch, capsys):
     monkeypatch.setattr(chat_cli, "build_engine", interrupted)
     assert chat_cli.main(["--base-dir", str(base_dir), "-p", "hi"]) == 130
     assert capsys.readouterr().err.strip() == f"{chat_cli.PROG}: interrupted"
+
+
+def test_num_beams(base_dir, capsys):
+    argv = ["-p", "hello there", "--base-dir", str(base_dir), "--max-tokens", "6", "--impl", "torch"]
+    assert chat_cli.main([*argv, "--num-beams", "3"]) == 0
+    beams = capsys.readouterr().out
+    args = chat_cli.parse_args([*argv, "--num-beams", "3"])
+    engine, tok, _ = chat_cli.build_engine(args)
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello there"}]})
+    best = engine.beam_search(prompt, num_beams=3, max_tokens=6)[0]
+    assert beams == tok.decode(best.tokens) + "\n"
+    one_line_error(capsys, chat_cli.main([*argv, "--num-beams", "0"]))
