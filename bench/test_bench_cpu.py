@@ -21,5 +21,6 @@ def test_dry_run_writes_every_unit(tmp_path):
 
 
 def test_budget_skips_units(tmp_path):
-    result = cpu.main(["--dry-run", "--out", str(tmp_path), "--budget", "0", "--decode-batches", "1,2"])
-    assert len(result["skipped"]) == 2 and len(result["train"]) == 1  # the first unit always runs
+    result = cpu.main(["--dry-run", "--out", str(tmp_path), "--budget", "0", "--depths", "", "--decode-batches",
+                       "1,2,3"])
+    assert result["skipped"] == ["decode 1 2", "decode 1 3"] and len(result["decode"]) == 1  # the first one runs
