@@ -158,6 +158,8 @@ class GPT(nn.Module):
         self.check_ids = True  # validate token ids and targets in forward (see _check_idx)
         self.recompute = False  # training: keep only each block's input, recompute the rest in backward
         self.activation_dtype: torch.dtype | None = None  # None: the embedding tables' dtype
+        self.compile_ops = False  # the reference path's loss chunks under torch.compile (see compile_reference)
+        self._compiled_hidden = None  # torch.compile(self._hidden), set by compile_reference
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * HEAD_DIM
         self.transformer = nn.ModuleDict(
@@ -270,6 +272,14 @@ class GPT(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
 
+    def compile_reference(self, body: bool = True) -> None:
+        """Run training and evaluation forwards (no cache) through torch.compile: the body up to the final norm
+        (when `body`; dynamic=False, so each (batch, length, grad mode) compiles once, on first use) and the
+        chunks of the lm_head + cross-entropy reference. The cached forwards of inference stay eager. For the
+        reference path (impl="torch"), where it is faster than eager (a CPU, see bench/cpu.py)."""
+        self.compile_ops = True
+        self._compiled_hidden = torch.compile(self._hidden, dynamic=False) if body else None
+
     def _layer(self, i: int, x, x0, idx, cos, sin, cache) -> torch.Tensor:
         """Layer i: the fused residual entry (x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass),
         the value embedding, the block."""
@@ -290,6 +300,22 @@ class GPT(nn.Module):
         -1 at a sequence start), and its `attend` appends each layer's k, v and attends over the cached sequence.
         """
         self._check_idx(idx)
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        hidden = self._compiled_hidden if cache is None and self._compiled_hidden is not None else self._hidden
+        x = hidden(idx, cache)
+        V = self.config.vocab_size
+        if targets is not None:
+            return kernels.linear_softcap_cross_entropy(
+                x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
+                reduction=loss_reduction, vocab_size=V, impl=self.impl, check_targets=self.check_ids,
+                compile_chunks=self.compile_ops and cache is None,
+            )
+        logits = self.lm_head(x)[..., :V].float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    def _hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C) of checked token ids (see forward)."""
         B, T = idx.shape
         impl = self.impl
         if cache is None:
@@ -316,17 +342,7 @@ class GPT(nn.Module):
                 x_mid = x
         if x_mid is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
-        x = norm(x, impl)
-        V = self.config.vocab_size
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-            return kernels.linear_softcap_cross_entropy(
-                x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
-                reduction=loss_reduction, vocab_size=V, impl=impl, check_targets=self.check_ids,
-            )
-        logits = self.lm_head(x)[..., :V].float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return norm(x, impl)
 
 
 def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,

@@ -20,6 +20,21 @@ import torch
 IMPLS = ("auto", "torch", "triton")
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn, dynamic: bool = False):
+    """``torch.compile(fn, dynamic=dynamic)``, built once per (function, dynamic) on first use, never at import.
+
+    For the references' fused math where no Triton kernel runs (a CPU): dynamic=False compiles once per input
+    shape (the trainer's shapes are fixed); dynamic=True once for elementwise math over flat tensors of any size.
+    Hyperparameters that change from step to step go in as 0-D tensors, so they never cause a recompile."""
+    key = (fn, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[key]
+
+
 def _check_impl(impl: object) -> None:
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -298,7 +298,9 @@ def flash_attention_ref(
     elif tq == tk and (window is None or window >= tk - 1) and (scale is None or scale > 0):
         # SDPA's is_causal path returns NaN for scale <= 0 (the explicit mask below does not)
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    elif _scores_bounded(qt, kt, scale):  # SDPA's fused masked path: no (Tq, Tk) scores are kept for backward
+    elif (torch.compiler.is_compiling() and (scale is None or scale > 0)) or _scores_bounded(qt, kt, scale):
+        # SDPA's fused masked path: no (Tq, Tk) scores are kept for backward. Under torch.compile the bound is not
+        # read (a host read would split the graph): the compiled caller, the model, attends with RMS-normed q, k.
         mask = attention_mask(tq, tk, window, device=q.device)
         y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     else:  # an explicit masked softmax: SDPA adds a boolean mask as -inf, so an inf score at a masked key is NaN

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tritonchat.kernels._dispatch import check_same_device, check_tensor, dtype_error, use_kernel
+from tritonchat.kernels._dispatch import compiled as compiled_fn
 from tritonchat.kernels.cross_entropy import (
     ce_rows,
     check_ce_args,
@@ -122,6 +123,82 @@ def _ref_chunk(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, softcap: float
     return softcap_cross_entropy_ref(F.linear(x, w), t, softcap, ignore_index, "none")
 
 
+def _fused_chunk(logits: torch.Tensor, t: torch.Tensor, softcap: float | None, ignore_index: int,
+                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's per-row losses (R,) and, when `scale` is given, dloss/dlogits (R, V) in logits' dtype.
+
+    The softcapped cross-entropy and its analytic gradient, z = c tanh(l / c): loss = lse(z) - z[t] and
+    dl = scale (softmax(z) - onehot(t)) (1 - (z / c)^2), zero on ignored rows (and their logits never reach it).
+    Eager this is about ten passes over the (R, V) chunk; under torch.compile (CPU) one fused loop nest reads
+    the logits twice (the row max and sum, then the gradient) and writes the gradient once."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = t != ignore_index
+    tt = torch.where(valid, t, 0).long()[:, None]
+    u = torch.tanh(z / softcap) if softcap else None
+    if u is not None:
+        z = softcap * u
+    lse = torch.logsumexp(z, dim=-1)
+    losses = torch.where(valid, lse - z.gather(1, tt)[:, 0], 0.0)
+    if scale is None:
+        return losses, None
+    p = torch.exp(z - lse[:, None])
+    p = p - (torch.arange(z.size(1), device=z.device)[None, :] == tt).to(p.dtype)
+    if u is not None:
+        p = p * (1 - u * u)
+    w = torch.where(valid, scale.to(p.dtype).expand(valid.shape), 0.0)
+    g = torch.where(valid[:, None], p * w[:, None], 0.0)
+    return losses, g.to(logits.dtype)
+
+
+def _fused_ref(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w, compile_chunks):
+    """Losses (N,) and, with `scale` (fp32, one value or (N,) per row), grad_x (N, C) and grad_W (V, C) of the
+    reference, chunk by chunk, from each chunk's analytic logit gradient: three matmuls per chunk (logits, grad_x,
+    grad_W), no recomputation in backward."""
+    chunk = compiled_fn(_fused_chunk) if compile_chunks else _fused_chunk
+    n = x.size(0)
+    losses = torch.empty(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    grads = scale is not None
+    gx = torch.empty_like(x) if grads and need_x else None
+    gw = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) \
+        if grads and need_w else None
+    per_row = grads and scale.numel() > 1
+    for s in range(0, n, rows):
+        xc = x[s:s + rows]
+        sc = (scale[s:s + rows] if per_row else scale) if grads else None
+        losses[s:s + rows], g = chunk(F.linear(xc, w), t[s:s + rows], softcap, ignore_index, sc)
+        if gx is not None:
+            torch.mm(g, w, out=gx[s:s + rows])
+        if gw is not None:
+            gw.add_(g.t() @ xc)
+    return losses, gx, gw
+
+
+class _FusedRefCE(torch.autograd.Function):
+    """The reference's "mean"/"sum" loss with autograd: the forward computes the gradients along with the loss
+    (one matmul fewer per chunk than recomputing them in backward); backward scales them by the upstream
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, t, softcap, ignore_index, rows, reduction, compile_chunks):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        count, scale = mean_scale(t, ignore_index, reduction)
+        scale = scale.to(torch.promote_types(x.dtype, torch.float32))
+        if reduction == "mean":  # 1 / count in the math's dtype (float64 for float64 x)
+            scale = count.to(scale.dtype).reciprocal().reshape(1)
+        losses, gx, gw = _fused_ref(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w, compile_chunks)
+        ctx.w_dtype = w.dtype
+        ctx.save_for_backward(gx, gw)
+        return reduce_losses(losses, count, t.shape, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        gx, gw = ctx.saved_tensors
+        gx = None if gx is None else gx * dloss.to(gx.dtype)
+        gw = None if gw is None else (gw * dloss).to(ctx.w_dtype)
+        return gx, gw, None, None, None, None, None, None
+
+
 class _ChunkedRefCE(torch.autograd.Function):
     """Per-row losses of x (N, C) @ w (V, C)^T, `rows` rows at a time; backward recomputes each chunk."""
 
@@ -200,6 +277,7 @@ def linear_softcap_cross_entropy(
     *,
     impl: str = "auto",
     check_targets: bool = True,
+    compile_chunks: bool = False,
 ) -> torch.Tensor:
     """The lm_head projection fused with softcapped cross-entropy.
 
@@ -208,7 +286,8 @@ def linear_softcap_cross_entropy(
     the first vocab_size logits (rows of weight beyond it are padding, never reach the loss and get a zero
     gradient); None keeps all Vp. Other arguments as in ``softcap_cross_entropy``. Returns fp32 (float64 for
     float64 x). Differentiable in x and weight. The kernel path never holds more than one chunk of logits
-    (see kernels/linear_cross_entropy.py) and, without autograd, computes no gradient.
+    (see kernels/linear_cross_entropy.py) and, without autograd, computes no gradient. compile_chunks: where the
+    reference runs, compile its per-chunk math (see ``linear_softcap_cross_entropy_ref``).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -222,7 +301,8 @@ def linear_softcap_cross_entropy(
     check_same_device(x=x, weight=weight, targets=targets)
     check_target_values(targets, vocab, ignore_index, check_targets)
     if not use_kernel(impl, x, weight, targets, unsupported=dtype_error("x", x, _KERNEL_DTYPES)):
-        return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size)
+        return linear_softcap_cross_entropy_ref(x, weight, targets, softcap, ignore_index, reduction, vocab_size,
+                                                compile_chunks=compile_chunks)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearSoftcapCE.apply(x, weight, targets, softcap, ignore_index, reduction, vocab)
     t = targets.reshape(-1).contiguous()
@@ -240,13 +320,16 @@ def linear_softcap_cross_entropy_ref(
     vocab_size: int | None = None,
     *,
     chunk_size: int | None = None,
+    compile_chunks: bool = False,
 ) -> torch.Tensor:
     """Plain-PyTorch lm_head + softcapped cross-entropy. x (..., C); weight (Vp, C); targets (...).
 
-    The rows are processed `chunk_size` at a time (None: about 2^23 logits per chunk, see ``chunk_rows``),
-    recomputing each chunk's logits in backward, so no N x V tensor is ever held. chunk_size=0: the plain
-    unchunked expression (full logits; what torch.compile baselines take). Both give the same losses and,
-    up to the order of the grad_W sum over chunks, the same gradients.
+    The rows are processed `chunk_size` at a time (None: about 2^23 logits per chunk, see ``chunk_rows``), so no
+    N x V tensor is ever held: a "mean"/"sum" loss under autograd computes each chunk's analytic logit gradient in
+    forward (three matmuls per chunk), "none" recomputes each chunk in backward; without autograd only the losses.
+    chunk_size=0: the plain unchunked expression (full logits; what torch.compile baselines take). All give the
+    same losses and, up to the order of the grad_W sum over chunks, the same gradients. compile_chunks: run each
+    chunk's elementwise math (softcap, log-softmax, gradient) through torch.compile (one fused pass on a CPU).
     """
     if chunk_size is not None and not (type(chunk_size) is int and chunk_size >= 0):
         raise ValueError(f"chunk_size must be None or an int >= 0, got {chunk_size!r}")
@@ -257,8 +340,14 @@ def linear_softcap_cross_entropy_ref(
     c = x.size(-1)
     x2 = x.reshape(x.shape[:-1].numel(), c)  # reshape(-1, C) fails for C = 0
     t = targets.reshape(-1)
-    rows = chunk_size or chunk_rows(x2.size(0), w.size(0), _REF_CHUNK_LOGITS)
-    losses = _ChunkedRefCE.apply(x2, w, t, softcap, ignore_index, max(rows, 1))
+    rows = max(1, chunk_size or chunk_rows(x2.size(0), w.size(0), _REF_CHUNK_LOGITS))
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if reduction != "none" and grad:
+        return _FusedRefCE.apply(x2, w, t, softcap, ignore_index, rows, reduction, compile_chunks)
+    if not grad:
+        losses = _fused_ref(x2, w, t, softcap, ignore_index, rows, None, False, False, compile_chunks)[0]
+    else:
+        losses = _ChunkedRefCE.apply(x2, w, t, softcap, ignore_index, rows)
     if reduction == "none":
         return losses.reshape(targets.shape)
     if reduction == "sum":

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
+from tritonchat.kernels._dispatch import compiled as compiled_fn
 from tritonchat.kernels.polar_express import POLAR_EXPRESS_COEFFS, polar_express, polar_express_ref
 
 __all__ = [
@@ -296,6 +297,26 @@ def _adamw_math(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd) -
         exp_avg_sq.copy_(v)
 
 
+def _adamw_fused(p, grad, exp_avg, exp_avg_sq, hp) -> None:
+    """_adamw_math over flat tensors with the hyperparameters in one fp32 tensor, for torch.compile (one pass:
+    reads p, g, m, v, writes p, m, v, whatever the tensors' size). hp = [1 - lr wd, 1 - beta1, 1 - beta2,
+    1 - beta2^t, lr / (1 - beta1^t), eps]: values, not constants, so a new step or lr never recompiles."""
+    g = grad.float()
+    m = exp_avg.float().lerp(g, hp[1])
+    v = exp_avg_sq.float().lerp(g * g, hp[2])
+    pf = p.float() * hp[0] - hp[4] * m / ((v / hp[3]).sqrt() + hp[5])
+    p.copy_(pf)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def _adamw_compiled(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd) -> None:
+    """adamw_step_ref's update through the compiled _adamw_fused (no chunks: it keeps no temporaries)."""
+    hp = torch.tensor([1 - lr * wd, 1 - beta1, 1 - beta2, 1 - beta2**step, lr / (1 - beta1**step), eps],
+                      dtype=torch.float32, device=p.device)
+    compiled_fn(_adamw_fused, dynamic=True)(p.view(-1), grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1), hp)
+
+
 def _check_pre_args(grad_stack, momentum_buf, mu, out_dtype, dtype_name: str = "out_dtype") -> None:
     _check_stack("grad_stack", grad_stack)
     _check_state("momentum_buf", momentum_buf, grad_stack.shape, grad_stack)
@@ -392,14 +413,16 @@ def muon_post(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch.Ten
 
 
 def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                lr: float, beta1: float, beta2: float, eps: float, wd: float, *, impl: str = "auto") -> None:
+                lr: float, beta1: float, beta2: float, eps: float, wd: float, *, impl: str = "auto",
+                compiled: bool = False) -> None:
     """One AdamW update, IN PLACE on p, exp_avg and exp_avg_sq (one launch).
 
     p: any shape, contiguous, any float dtype (math in fp32, stored back in p's dtype). grad: p's shape, any float
     dtype. exp_avg, exp_avg_sq: p's shape, contiguous, fp32 (or bf16 when p is bf16: the reference's storage for
     its bf16 embedding tables; the update reads the fp32 moments before they are rounded). step: this update's
     1-based count t (bias corrections 1 - beta^t). p = p (1 - lr wd) - lr / (1 - beta1^t) m / (sqrt(v / (1 -
-    beta2^t)) + eps) with m, v the updated moments.
+    beta2^t)) + eps) with m, v the updated moments. compiled: where the reference runs, run its math as one
+    torch.compile'd pass (see adamw_step_ref).
     """
     check_tensor("p", p)
     if not p.is_contiguous():
@@ -422,7 +445,7 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     check_number("eps", eps, lo=0.0)
     check_number("wd", wd, lo=0.0)
     if not use_kernel(impl, p, grad, exp_avg, exp_avg_sq):
-        return adamw_step_ref(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
+        return adamw_step_ref(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd, compiled=compiled)
     numel = p.numel()
     if numel == 0:
         return None
@@ -435,14 +458,18 @@ def adamw_step_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
 
 def muon_step_(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_buf: torch.Tensor,
                second_buf: torch.Tensor, *, lr: float, mu: float, beta2: float, wd: float, ns_steps: int = 5,
-               ns_dtype: torch.dtype | None = None, impl: str = "auto") -> None:
+               ns_dtype: torch.dtype | None = None, impl: str = "auto", compiled: bool = False) -> None:
     """One whole Muon step on stacks (muon_pre, polar_express, muon_post), IN PLACE on params_stack, momentum_buf
-    and second_buf. Shapes and dtypes as in muon_pre / muon_post; ns_dtype as muon_pre's out_dtype."""
+    and second_buf. Shapes and dtypes as in muon_pre / muon_post; ns_dtype as muon_pre's out_dtype. compiled:
+    where the reference runs, run it under torch.compile (see muon_step_ref)."""
     # every argument is checked before muon_pre writes momentum_buf
     _check_pre_args(grad_stack, momentum_buf, mu, ns_dtype, "ns_dtype")
     _check_post_args(grad_stack, params_stack, second_buf, lr, wd, beta2)
     if type(ns_steps) is not int or not 0 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"ns_steps must be an int in [0, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps!r}")
+    if not use_kernel(impl, grad_stack, params_stack, momentum_buf, second_buf):
+        return muon_step_ref(grad_stack, params_stack, momentum_buf, second_buf, lr=lr, mu=mu, beta2=beta2, wd=wd,
+                             ns_steps=ns_steps, ns_dtype=ns_dtype, compiled=compiled)
     X = _muon_pre(grad_stack, momentum_buf, mu, ns_dtype, impl)
     _muon_post(polar_express(X, ns_steps, impl=impl), params_stack, second_buf, lr, wd, beta2, impl)
 
@@ -480,12 +507,15 @@ def muon_post_ref(X: torch.Tensor, params_stack: torch.Tensor, second_buf: torch
 
 
 def adamw_step_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
-                   lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+                   lr: float, beta1: float, beta2: float, eps: float, wd: float, *, compiled: bool = False) -> None:
     """Reference of `adamw_step_`: train/optim.py's AdamW update. Updates p, exp_avg, exp_avg_sq in place.
     Off a GPU a large tensor is updated in flat chunks (elementwise math: the same result), so the fp32
-    temporaries stay a few MB instead of several copies of the parameter."""
+    temporaries stay a few MB instead of several copies of the parameter. compiled: one torch.compile'd pass
+    per tensor instead (the same math, equal within fp32 rounding; contiguous tensors)."""
     flat = lambda t: t.view(-1) if t.is_contiguous() else None
     views = [flat(p), grad.reshape(-1), flat(exp_avg), flat(exp_avg_sq)]
+    if compiled and all(v is not None for v in views) and p.numel():
+        return _adamw_compiled(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
     n = p.numel()
     if p.is_cuda or n <= _ADAMW_REF_CHUNK or any(v is None for v in views):
         return _adamw_math(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd)
@@ -495,7 +525,14 @@ def adamw_step_ref(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
 
 def muon_step_ref(grad_stack: torch.Tensor, params_stack: torch.Tensor, momentum_buf: torch.Tensor,
                   second_buf: torch.Tensor, *, lr: float, mu: float, beta2: float, wd: float, ns_steps: int = 5,
-                  ns_dtype: torch.dtype | None = None) -> None:
-    """Reference of `muon_step_`: the whole Muon step of train/optim.py on stacks, in place."""
+                  ns_dtype: torch.dtype | None = None, compiled: bool = False) -> None:
+    """Reference of `muon_step_`: the whole Muon step of train/optim.py on stacks, in place. compiled: the same
+    function under torch.compile (dynamic=False: once per stack shape; the hyperparameters go in as 0-D tensors,
+    which the math takes as they are, so a new lr or momentum never recompiles)."""
+    if compiled and grad_stack.numel():
+        t = lambda v: torch.tensor(v, dtype=torch.float32, device=grad_stack.device)  # noqa: E731
+        return compiled_fn(muon_step_ref, dynamic=False)(grad_stack, params_stack, momentum_buf, second_buf,
+                                                           lr=t(lr), mu=t(mu), beta2=t(beta2), wd=t(wd),
+                                                           ns_steps=ns_steps, ns_dtype=ns_dtype)
     X = muon_pre_ref(grad_stack, momentum_buf, mu, ns_dtype)
     muon_post_ref(polar_express_ref(X, ns_steps), params_stack, second_buf, lr, wd, beta2)

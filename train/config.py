@@ -57,6 +57,7 @@ class TrainConfig:
     embedding_dtype: str = "auto"
     recompute: str = "auto"
     impl: str = "auto"
+    compile: str = "auto"
     seed: int = 42
     data: str = ""
     base_dir: str = ""
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError("--run must name the run (a non-empty string)")
         if self.recompute not in ("auto", "on", "off"):
             raise ValueError(f"--recompute must be auto, on or off, got {self.recompute!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"--compile must be auto, on or off, got {self.compile!r}")
 
 
 @dataclass
@@ -285,6 +288,9 @@ _HELP = {
     "recompute": "auto | on | off: recompute each block's activations in backward (auto: on a CPU when a "
                  "micro-batch would keep over 1 GiB of them)",
     "impl": "auto | torch | triton (op implementations; triton needs CUDA or TRITON_INTERPRET=1)",
+    "compile": "auto | on | off: torch.compile the reference path (impl=torch): the model's training and "
+               "validation forwards, the loss chunks, the optimizer math (auto: on a CPU for runs of at least "
+               "50 steps, where the compile time is paid back; the Triton path is never compiled)",
     "seed": "seed of the weight initialization",
     "data": "folder of parquet or .txt files (empty: the embedded corpus)",
     "base_dir": "where the tokenizer, data and checkpoints live (empty: $TRITONCHAT_BASE_DIR, else ./.tritonchat "

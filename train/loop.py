@@ -45,6 +45,7 @@ from tritonchat.train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: 
     load_tokenizer,
     peak_flops,
     release_freed_memory,
+    resolve_compile,
     resolve_device,
     resolve_dtype,
     resolve_embedding_dtype,
@@ -173,6 +174,7 @@ class Run:
     run_dir: Path
     hb: Heartbeat
     metrics: MetricsLog
+    validated: bool = False  # a validation has run in this process (the first one compiles, under --compile)
 
     def say(self, text: str) -> None:
         self.hb.say(text)
@@ -248,6 +250,9 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model_config, device=device, impl=impl, compute_dtype=dtype, embedding_dtype=emb_dtype)
     model.recompute = plan.recompute
+    compile_ref, compile_note = resolve_compile(cfg.compile, impl, device, plan.num_iterations)
+    if compile_ref:  # the body stays eager under recompute (checkpointed blocks); the loss chunks compile either way
+        model.compile_reference(body=not plan.recompute)
     act_bytes = 0 if plan.recompute else activation_bytes(plan.model_config, plan.device_batch_size * cfg.max_seq_len)
     if device.type == "cpu" and cpu_footprint(model, act_bytes) > LARGE_CPU_RUN:
         release_freed_memory()
@@ -258,14 +263,14 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
             torch.distributed.broadcast(t, src=0)
     opt = MuonAdamW(build_param_groups(model, cfg.unembedding_lr, cfg.embedding_lr, cfg.matrix_lr, cfg.scalar_lr,
                                        plan.matrix_weight_decay, plan.lr_scale),
-                    impl=impl, rank=info.rank, world_size=info.world_size)
+                    impl=impl, rank=info.rank, world_size=info.world_size, compile=compile_ref)
     hb.doing(None)
     train_files, val_files = data.split_files(files, "train"), data.split_files(files, "val")
     counts = model.num_params()
     hb.say(f"run {cfg.run}: depth {cfg.depth}, {counts['total']:,} params ({counts['scaling']:,} scaling), "
            f"{plan.flops_per_token:.3e} FLOPs/token | device {device}, {dtype} (tables {emb_dtype}), impl={impl}, "
            f"ranks {info.world_size}")
-    for note in plan.notes:
+    for note in plan.notes + ([compile_note] if compile_note else []):
         hb.say("  " + note)
     hb.say(f"  grad accumulation {plan.grad_accum_steps} x {plan.device_batch_size} x {cfg.max_seq_len} tokens x "
            f"{info.world_size} rank(s); data {data_dir}; run dir {run_dir}")
@@ -348,7 +353,10 @@ def validate(run: Run) -> float:
     B, T = plan.device_batch_size, cfg.max_seq_len
     ranks = info.world_size if run.val_sharded else 1
     steps = max(1, plan.eval_tokens // (B * T * ranks))
-    run.hb.doing("validation", f"{steps} batches of {B} x {T} tokens")
+    first = run.opt.compile and not run.validated
+    run.validated = True
+    run.hb.doing("validation" + (" (compiling the forward first)" if first else ""),
+                 f"{steps} batches of {B} x {T} tokens")
     progress = lambda i: run.hb.detail(f"batch {i}/{steps} done")  # noqa: E731
     run.model.eval()
     try:
@@ -463,7 +471,8 @@ def _loop(run: Run, state: LoopState, loader, result: dict, guard: InterruptGuar
         if fail_at == step:
             raise RuntimeError(f"rank {info.rank}: injected failure at step {step}")
         lrm = set_schedules(run.opt, step, cfg, plan)
-        run.hb.doing(f"step {step + 1}/{N}")
+        compiling = run.opt.compile and step == start_step
+        run.hb.doing(f"step {step + 1}/{N}" + (" (compiling: model, loss, optimizer)" if compiling else ""))
         t0 = time.perf_counter()
         loss = train_step(run.model, run.opt, batches, plan.grad_accum_steps, info, guard)
         if run.device.type == "cuda":
@@ -472,6 +481,8 @@ def _loop(run: Run, state: LoopState, loader, result: dict, guard: InterruptGuar
         run.hb.doing(None)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
+        if compiling:
+            run.say(f"step {step + 1} took {format_duration(dt)}, torch.compile included (later steps reuse it)")
         state.record(loss, dt, timed=step > start_step)  # the first step of a process includes warm-up
         result["loader_state"] = loader.state_dict()
         result["losses"][step] = loss

@@ -26,10 +26,12 @@ class MuonAdamW(torch.optim.Optimizer):
     CPU_STACK_NUMEL = 1 << 22  # elements of one Muon stack on a CPU (single process): 16 MB per fp32 copy
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype | None = None, impl: str = "torch",
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, compile: bool = False) -> None:
         """ns_dtype: the dtype of the Polar-Express iterations (default bf16 on CUDA, fp32 elsewhere).
         impl: "auto" | "torch" | "triton" (kernels.resolve_impl), resolved once here for the parameters' device:
-        "torch" runs the PyTorch reference math, "triton" the fused Triton kernels."""
+        "torch" runs the PyTorch reference math, "triton" the fused Triton kernels. compile: the reference math
+        under torch.compile (AdamW one fused pass per tensor, a Muon step one graph per stack shape; no effect on
+        the Triton path)."""
         for g in param_groups:
             if g.get("kind") not in ("adamw", "muon"):
                 raise ValueError(f"each param group needs kind 'adamw' or 'muon', got {g.get('kind')!r}")
@@ -43,6 +45,7 @@ class MuonAdamW(torch.optim.Optimizer):
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         self.impl = kernels.resolve_impl(impl, device)
         self.ns_dtype, self.rank, self.world_size = ns_dtype, rank, world_size
+        self.compile = bool(compile)
 
     def _sharded(self, p: torch.Tensor) -> bool:
         W = self.world_size
@@ -153,7 +156,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(target, dtype=dtype)
         state["step"] += 1
         kernels.adamw_step_(target, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"],
-                            group["lr"], *group["betas"], group["eps"], group["weight_decay"], impl=self.impl)
+                            group["lr"], *group["betas"], group["eps"], group["weight_decay"], impl=self.impl,
+                            compiled=self.compile)
 
     def _muon(self, params: list[torch.Tensor], G: torch.Tensor, group: dict, write: bool = True) -> torch.Tensor:
         """One Muon step (SPEC §6: Nesterov, row equilibration, Polar Express, Muon+, NorMuon, cautious weight
@@ -171,7 +175,7 @@ class MuonAdamW(torch.optim.Optimizer):
         P = torch.stack([p.float() for p in params])
         kernels.muon_step_(G.contiguous(), P, buf, buf2, lr=group["lr"], mu=group["momentum"], beta2=group["beta2"],
                            wd=group["weight_decay"], ns_steps=group["ns_steps"], ns_dtype=self.ns_dtype,
-                           impl=self.impl)
+                           impl=self.impl, compiled=self.compile)
         for i, p in enumerate(params):
             if write:
                 p.copy_(P[i])

@@ -122,6 +122,25 @@ def epochs_warning(horizon_tokens: int, train_tokens: int) -> str | None:
             f"lower --target-param-data-ratio or --num-iterations")
 
 
+COMPILE_MIN_STEPS = 50  # --compile=auto: a CPU run this long pays back its compile time (bench/cpu.py)
+
+
+def resolve_compile(mode: str, impl: str, device: torch.device, steps: int) -> tuple[bool, str | None]:
+    """Whether to torch.compile the reference path, and a note for the banner (None: nothing to say).
+
+    Only impl="torch" is ever compiled (the Triton path stays as it is). auto: on a CPU, for runs of at least
+    COMPILE_MIN_STEPS steps: compiling costs about a minute on two cores and each step then runs faster
+    (bench/cpu.py measures both)."""
+    if impl != "torch":
+        note = "--compile=on applies to the reference path (impl=torch); the Triton kernels run uncompiled"
+        return False, note if mode == "on" else None
+    if mode == "off" or (mode == "auto" and (device.type != "cpu" or steps < COMPILE_MIN_STEPS)):
+        return False, None
+    why = "set" if mode == "on" else f"auto: the reference path on a CPU, {steps} >= {COMPILE_MIN_STEPS} steps"
+    return True, (f"torch.compile of the reference path ({why}; --compile=off disables it): the first training "
+                  f"step and the first validation include the compilation")
+
+
 def check_impl(impl: str, device: torch.device) -> str:
     """The run's impl, resolved once; --impl=triton where no kernel can run is a user error."""
     resolved = resolve_impl(impl, device)

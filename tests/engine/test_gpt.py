@@ -235,3 +235,44 @@ def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less():
     with torch.no_grad():  # inference never recomputes
         model.recompute = True
         assert torch.equal(model(idx[:, :-1]), model(idx[:, :-1]))
+
+
+def test_compile_reference_same_loss_grads_and_greedy_tokens(monkeypatch):
+    """GPT.compile_reference (torch.compile through a backend that counts the graphs and runs them as captured):
+    the training loss and gradients and the evaluation losses equal the eager model's; the engine's cached
+    forwards stay eager, so greedy generations are token for token the same and capture nothing."""
+    from tritonchat.engine.engine import Engine, SamplingParams
+
+    real, graphs = torch.compile, []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counting, **kw))
+    config = GPTConfig.from_depth(2, vocab_size=300, sequence_len=64)
+    torch.manual_seed(0)
+    eager = build_model(config)
+    comp = build_model(config)
+    comp.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 300, (2, 64), generator=g), torch.randint(0, 300, (2, 64), generator=g)
+    y[0, :5] = -1
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop_tokens=[])
+    prompts = [[1, 2, 3, 4], [7, 8, 9]]
+    want = [r.tokens for r in Engine(eager, None, max_batch_size=2).generate(prompts, params)]
+    torch._dynamo.reset()
+    try:
+        comp.compile_reference()
+        got = [r.tokens for r in Engine(comp, None, max_batch_size=2).generate(prompts, params)]
+        assert got == want and not graphs
+        for model in (eager, comp):
+            model(x, y).backward()
+        with torch.no_grad():
+            ev = [m(x, y, loss_reduction="none") for m in (eager, comp)]
+        assert graphs
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(ev[1], ev[0], **tol("linear_cross_entropy_chunked", torch.float32))
+    for (name, a), b in zip(eager.named_parameters(), comp.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

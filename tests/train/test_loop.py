@@ -262,3 +262,53 @@ def test_evaluation_never_holds_full_logits(workspace, monkeypatch):
     with LargestTensor(last_dim=(V, model.config.padded_vocab_size)) as seen:
         bpb = evaluate_bpb(model.eval(), val, 2, token_bytes)
     assert bpb > 0 and seen.numel <= 256 * model.config.padded_vocab_size < 512 * V, seen.shape
+
+
+def test_compile_on_matches_eager(workspace, tmp_path, monkeypatch):
+    """--compile=on: the model body, the loss chunks and the optimizer math go through torch.compile (here a
+    backend that counts the graphs and runs them as captured, so no C++ is built), the losses follow the eager
+    run's within fp32 rounding, the banner says so, and no step after the first compiles anything."""
+    import torch
+
+    real, graphs = torch.compile, []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counting, **kw))
+    torch._dynamo.reset()
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    try:
+        kw = dict(num_iterations=3, eval_every=0, save_every=-1, sample_every=-1, quiet=False)
+        eager = train(config(workspace, tmp_path / "eager", compile="off", **kw))
+        assert not graphs
+        train(config(workspace, tmp_path / "one", compile="on", **{**kw, "num_iterations": 1}))
+        one_step = len(graphs)
+        torch._dynamo.reset()
+        comp = train(config(workspace, tmp_path / "comp", compile="on", **kw))
+    finally:
+        torch._dynamo.reset()
+    assert one_step > 0 and len(graphs) == 2 * one_step  # three steps compile what one step does, nothing more
+    for s, loss in comp["losses"].items():
+        assert abs(loss - eager["losses"][s]) < 1e-4 * abs(eager["losses"][s]), s
+    assert abs(comp["val_bpb"][3] - eager["val_bpb"][3]) < 1e-4
+    assert any("torch.compile of the reference path (set" in line for line in lines)
+    assert any("torch.compile included" in line for line in lines)
+
+
+def test_compile_auto_resolution():
+    import torch
+    from tritonchat.train.setup import COMPILE_MIN_STEPS, resolve_compile
+
+    cpu = torch.device("cpu")
+    assert resolve_compile("auto", "torch", cpu, COMPILE_MIN_STEPS)[0]
+    assert not resolve_compile("auto", "torch", cpu, COMPILE_MIN_STEPS - 1)[0]  # too short to pay back
+    assert not resolve_compile("auto", "torch", torch.device("cuda"), 10_000)[0]
+    assert resolve_compile("on", "torch", cpu, 1)[0] and not resolve_compile("off", "torch", cpu, 10_000)[0]
+    on, note = resolve_compile("on", "triton", cpu, 10_000)
+    assert not on and "Triton" in note
+    assert resolve_compile("auto", "triton", cpu, 10_000) == (False, None)
+    with pytest.raises(ValueError, match="--compile"):
+        TrainConfig(compile="yes")
