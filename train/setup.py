@@ -125,6 +125,13 @@ def epochs_warning(horizon_tokens: int, train_tokens: int) -> str | None:
 COMPILE_MIN_STEPS = 50  # --compile=auto: a CPU run this long pays back its compile time (bench/cpu.py)
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use: $CXX, else g++, clang++ or c++ on the PATH."""
+    import shutil
+
+    return os.environ.get("CXX") or next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
+
+
 def resolve_compile(mode: str, impl: str, device: torch.device, steps: int) -> tuple[bool, str | None]:
     """Whether to torch.compile the reference path, and a note for the banner (None: nothing to say).
 
@@ -136,6 +143,11 @@ def resolve_compile(mode: str, impl: str, device: torch.device, steps: int) -> t
         return False, note if mode == "on" else None
     if mode == "off" or (mode == "auto" and (device.type != "cpu" or steps < COMPILE_MIN_STEPS)):
         return False, None
+    if device.type == "cpu" and not cxx_compiler():  # inductor's CPU code is C++
+        if mode == "on":
+            raise ValueError("--compile=on needs a C++ compiler for torch.compile on a CPU (g++ or clang++ on the "
+                             "PATH, or $CXX); install one or use --compile=off")
+        return False, "no C++ compiler found (g++, clang++ or $CXX): the reference path runs uncompiled"
     why = "set" if mode == "on" else f"auto: the reference path on a CPU, {steps} >= {COMPILE_MIN_STEPS} steps"
     return True, (f"torch.compile of the reference path ({why}; --compile=off disables it): the first training "
                   f"step and the first validation include the compilation")

@@ -312,3 +312,22 @@ def test_compile_auto_resolution():
     assert resolve_compile("auto", "triton", cpu, 10_000) == (False, None)
     with pytest.raises(ValueError, match="--compile"):
         TrainConfig(compile="yes")
+
+
+def test_compile_without_a_cxx_compiler(monkeypatch):
+    """torch.compile on a CPU emits C++: without a compiler, auto runs uncompiled and says why; on is one line."""
+    import torch
+    from tritonchat.train import setup
+
+    monkeypatch.setattr(setup, "cxx_compiler", lambda: None)
+    cpu = torch.device("cpu")
+    on, note = setup.resolve_compile("auto", "torch", cpu, 10_000)
+    assert not on and "C++ compiler" in note
+    with pytest.raises(ValueError, match="--compile=on needs a C\\+\\+ compiler"):
+        setup.resolve_compile("on", "torch", cpu, 10)
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    assert setup.cxx_compiler() is None
+    monkeypatch.setenv("CXX", "/opt/cc/bin/g++")
+    assert setup.cxx_compiler() == "/opt/cc/bin/g++"
