@@ -150,7 +150,7 @@ def _fused_chunk(logits: torch.Tensor, t: torch.Tensor, softcap: float | None, i
     return losses, g.to(logits.dtype)
 
 
-def _fused_ref(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w, compile_chunks):
+def _fused_loss_and_grads(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w, compile_chunks):
     """Losses (N,) and, with `scale` (fp32, one value or (N,) per row), grad_x (N, C) and grad_W (V, C) of the
     reference, chunk by chunk, from each chunk's analytic logit gradient: three matmuls per chunk (logits, grad_x,
     grad_W), no recomputation in backward."""
@@ -185,7 +185,8 @@ class _FusedRefCE(torch.autograd.Function):
         scale = scale.to(torch.promote_types(x.dtype, torch.float32))
         if reduction == "mean":  # 1 / count in the math's dtype (float64 for float64 x)
             scale = count.to(scale.dtype).reciprocal().reshape(1)
-        losses, gx, gw = _fused_ref(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w, compile_chunks)
+        losses, gx, gw = _fused_loss_and_grads(x, w, t, softcap, ignore_index, rows, scale, need_x, need_w,
+                                               compile_chunks)
         ctx.w_dtype = w.dtype
         ctx.save_for_backward(gx, gw)
         return reduce_losses(losses, count, t.shape, reduction)
@@ -345,7 +346,7 @@ def linear_softcap_cross_entropy_ref(
     if reduction != "none" and grad:
         return _FusedRefCE.apply(x2, w, t, softcap, ignore_index, rows, reduction, compile_chunks)
     if not grad:
-        losses = _fused_ref(x2, w, t, softcap, ignore_index, rows, None, False, False, compile_chunks)[0]
+        losses = _fused_loss_and_grads(x2, w, t, softcap, ignore_index, rows, None, False, False, compile_chunks)[0]
     else:
         losses = _ChunkedRefCE.apply(x2, w, t, softcap, ignore_index, rows)
     if reduction == "none":
