@@ -63,14 +63,30 @@ def one_line(e: BaseException) -> str:
     return "; ".join(lines) or type(e).__name__
 
 
+def add_training_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where a finetuning command's files are and what it runs on: --base-dir, --tokenizer-dir, --device, --dtype,
+    --embedding-dtype, --impl (chat_sft, chat_rl, chat_pref)."""
+    p.add_argument("--base-dir", default=None,
+                   help="default: $TRITONCHAT_BASE_DIR, else ./.tritonchat if it exists, else ~/.cache/tritonchat")
+    p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    p.add_argument("--embedding-dtype", default="auto",
+                   help="storage of wte and value_embeds and their AdamW moments: auto (bf16 on every device), "
+                        "bfloat16, float32")
+    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
+                   help="Triton kernels or PyTorch references (auto: kernels where they run)")
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None, prog: str) -> int:
     """Run `main(argv)` and return its exit code. A ValueError (UsageError, CheckpointError, ...) or OSError
     (a missing or unreadable file) prints `prog: error: <message>` and returns 2; Ctrl-C prints
-    `prog: interrupted` and returns 130. Anything else is a bug and keeps its traceback."""
+    `prog: <the interrupt's message>` (`interrupted` when it has none: a command raises KeyboardInterrupt("...")
+    to say what is on disk) and returns 130. Anything else is a bug and keeps its traceback."""
     try:
         return main(argv) or 0
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\n{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)

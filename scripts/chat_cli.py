@@ -48,16 +48,8 @@ SOURCES = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chat
 SHOW_SPECIAL = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "] "}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: a REPL)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 for greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens, 0 disables")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
-    p.add_argument("--num-beams", type=int, default=1,
-                   help="beam search over this many beams (1: sample, or greedy at temperature 0)")
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Which checkpoint to serve and how (`build_engine`'s flags): chat_cli's and chat_web's."""
     p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
                    help="which checkpoints: base_checkpoints, chatsft_checkpoints, chatrl_checkpoints or "
                         "chatpref_checkpoints under <base> "
@@ -72,6 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
                    help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--max-seq-len", type=int, default=None, help="conversation length limit (default: trained)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit (default: a REPL)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 for greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens, 0 disables")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: off)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (turn n uses seed + n)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer at most")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search over this many beams (1: sample, or greedy at temperature 0)")
+    add_model_flags(p)
     p.add_argument("--ratings", default=None, help="where `rate` appends rankings (default: <base>/ratings.jsonl)")
     return p.parse_args(argv)
 

@@ -52,7 +52,7 @@ from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train.dist import DistInfo, all_reduce_sum
 from tritonchat.train.feedback import dpo_loss, pairs_from_scores, token_logprobs
 from tritonchat.train.loop import MetricsLog
-from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
+from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration, interrupt_after
 
 PROG = command_name("scripts.chat_pref")
 
@@ -303,7 +303,7 @@ def train_pref(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         result = {"losses": {}, "eval": {}, "out_dir": str(out_dir), "settings": asdict(s)}
         step, saved = start, start if resuming else -1
 
-        def save() -> None:
+        def save() -> int:
             nonlocal saved
             hb.doing(f"writing the checkpoint of step {step}")
             tuning.save(out_dir, step, model, opt, {"user_config": vars(args), "pref": asdict(s),
@@ -311,6 +311,7 @@ def train_pref(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             saved = step
             hb.doing(None)
             hb.say(f"saved checkpoint at step {step} to {out_dir}")
+            return saved
 
         model.train()
         try:
@@ -364,13 +365,7 @@ def train_pref(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                 if guard.pending:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            hb.doing(None)
-            if saved != step and step > 0 and not info.enabled:
-                try:
-                    save()
-                except KeyboardInterrupt:
-                    pass
-            raise tuning.interrupted_line(step, saved, out_dir) from None
+            raise interrupt_after(hb, step, saved, out_dir, save, info.enabled) from None
         if info.is_main:
             update_report(st.base_dir)
         return result
@@ -447,11 +442,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.sample_out:
         return sample_ranked(args)
-    try:
-        result = train_pref(args)
-    except KeyboardInterrupt as e:
-        print(f"\n{PROG}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+    result = train_pref(args)
     if len(result["eval"]) > 1:
         (s0, e0), (s1, e1) = min(result["eval"].items()), max(result["eval"].items())
         print(f"held-out preference accuracy {e0['accuracy']:.4f} at step {s0} -> {e1['accuracy']:.4f} at step {s1}")

@@ -46,7 +46,7 @@ from tritonchat.train.dist import DistInfo, all_reduce_sum
 from tritonchat.train.feedback import completion_batch, group_advantages, policy_gradient_loss, token_logprobs
 from tritonchat.train.loop import MetricsLog
 from tritonchat.train.optim import MuonAdamW
-from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
+from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration, interrupt_after
 
 PROG = command_name("scripts.chat_rl")
 # --task: name -> (module, class, training kwargs, held-out kwargs)
@@ -255,7 +255,7 @@ def train_rl(args: argparse.Namespace, stop_after: int | None = None) -> dict:
         step, saved = start, start if resuming else -1
         pad = tok.get_bos_token_id()
 
-        def save() -> None:
+        def save() -> int:
             nonlocal saved
             hb.doing(f"writing the checkpoint of step {step}")
             tuning.save(out_dir, step, model, opt, {"user_config": vars(args), "rl": asdict(s),
@@ -263,6 +263,7 @@ def train_rl(args: argparse.Namespace, stop_after: int | None = None) -> dict:
             saved = step
             hb.doing(None)
             hb.say(f"saved checkpoint at step {step} to {out_dir}")
+            return saved
 
         try:
             total_time, timed = 0.0, 0
@@ -323,13 +324,7 @@ def train_rl(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                 if guard.pending:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            hb.doing(None)
-            if saved != step and step > 0 and not info.enabled:
-                try:
-                    save()
-                except KeyboardInterrupt:
-                    pass
-            raise tuning.interrupted_line(step, saved, out_dir) from None
+            raise interrupt_after(hb, step, saved, out_dir, save, info.enabled) from None
         if info.is_main:
             update_report(st.base_dir)
         return result
@@ -377,11 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _main(argv=None) -> int:
-    try:
-        result = train_rl(parse_args(argv))
-    except KeyboardInterrupt as e:
-        print(f"\n{PROG}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+    result = train_rl(parse_args(argv))
     if len(result["eval"]) > 1:
         (s0, e0), (s1, e1) = min(result["eval"].items()), max(result["eval"].items())
         print(f"held-out reward {e0['reward']:.4f} at step {s0} -> {e1['reward']:.4f} at step {s1}")

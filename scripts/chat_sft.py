@@ -40,7 +40,15 @@ from tritonchat.engine.checkpoint import (
     patch_state_dict,
     save_checkpoint,
 )
-from tritonchat.engine.cli import ArgumentParser, HelpFormatter, UsageError, command_name, resolve_device, run_main
+from tritonchat.engine.cli import (
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    add_training_runtime_flags,
+    command_name,
+    resolve_device,
+    run_main,
+)
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.report import update_report
@@ -48,16 +56,14 @@ from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
 from tritonchat.scripts.chat_cli import SOURCES
 from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train import reference
-from tritonchat.train.config import CPU_ACTIVATION_BYTES, activation_bytes
+from tritonchat.train.config import activation_bytes, recompute_choice
 from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
 from tritonchat.train.optim import MuonAdamW, build_param_groups
-from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
+from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration, interrupt_after
 from tritonchat.train.setup import (
-    LARGE_CPU_RUN,
     check_impl,
-    cpu_footprint,
-    release_freed_memory,
+    release_freed_memory_if_large,
     resolve_dtype,
     resolve_embedding_dtype,
 )
@@ -526,13 +532,10 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
                             embedding_dtype=emb_dtype)
         model.load_state_dict(patch_state_dict(model_state, model), strict=True)
         act_bytes = activation_bytes(config, B * T)
-        model.recompute = args.recompute == "on" or (args.recompute == "auto" and device.type == "cpu"
-                                                     and act_bytes > CPU_ACTIVATION_BYTES)
-        if device.type == "cpu" and cpu_footprint(model, 0 if model.recompute else act_bytes) > LARGE_CPU_RUN:
-            release_freed_memory()
-        if model.recompute and args.recompute == "auto":
-            hb.say(f"  recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
-                   f"of them; --recompute=off keeps them)")
+        model.recompute, note = recompute_choice(args.recompute, device.type == "cpu", act_bytes)
+        release_freed_memory_if_large(model, device, 0 if model.recompute else act_bytes)
+        if note:
+            hb.say("  " + note)
         model.check_ids = device.type != "cuda"
         del model_state
         groups = build_param_groups(model, s.unembedding_lr, s.embedding_lr, s.matrix_lr, s.scalar_lr, 0.0, 1.0)
@@ -666,17 +669,11 @@ class _Run:
 
     def interrupted(self) -> KeyboardInterrupt:
         """After Ctrl-C: the checkpoint of the last completed step (single process), and the line saying so."""
-        self.hb.doing(None)
-        done = self.step
-        if self.saved_step != done and done > 0 and not self.info.enabled:
-            try:
-                self.save(None)
-            except KeyboardInterrupt:
-                pass
-        if self.saved_step == done and done > 0:
-            return KeyboardInterrupt(f"interrupted after step {done}: its checkpoint is in {self.out_dir}; "
-                                     f"continue with --resume-from-step={done}")
-        return KeyboardInterrupt(f"interrupted after step {done}; no checkpoint written")
+        return interrupt_after(self.hb, self.step, self.saved_step, self.out_dir, self._save_last, self.info.enabled)
+
+    def _save_last(self) -> int:
+        self.save(None)
+        return self.saved_step
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -713,19 +710,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--buffer-size", type=int, default=100, help="conversations the packer picks rows from")
     p.add_argument("--seed", type=int, default=42, help="the order of the training conversations")
     p.add_argument("--run", default="dummy", help="run name in metrics.jsonl")
-    p.add_argument("--base-dir", default=None,
-                   help="default: $TRITONCHAT_BASE_DIR, else ./.tritonchat if it exists, else ~/.cache/tritonchat")
-    p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
-    p.add_argument("--embedding-dtype", default="auto",
-                   help="storage of wte and value_embeds and their AdamW moments: auto (bf16 on every device), "
-                        "bfloat16, float32")
+    add_training_runtime_flags(p)
     p.add_argument("--recompute", default="auto", choices=["auto", "on", "off"],
                    help="recompute each block's activations in backward (auto: on a CPU when a micro-batch would "
                         "keep over 1 GiB of them)")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
-                   help="Triton kernels or PyTorch references (auto: kernels where they run)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.data is None and args.tasks is None:
@@ -750,11 +738,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _main(argv=None) -> int:
-    try:
-        result = train_sft(parse_args(argv))
-    except KeyboardInterrupt as e:  # one line that says what is on disk
-        print(f"\n{PROG}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+    result = train_sft(parse_args(argv))
     if len(result["val_loss"]) > 1:
         (s0, l0), (s1, l1) = min(result["val_loss"].items()), max(result["val_loss"].items())
         print(f"held-out loss {l0:.4f} at step {s0} -> {l1:.4f} at step {s1}")

@@ -741,7 +741,7 @@ def _beam_events(engine: Engine, tokens: list[int]) -> list[TokenEvent]:
 
 # ---- the command line ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    from tritonchat.scripts.chat_cli import SOURCES
+    from tritonchat.scripts.chat_cli import add_model_flags
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves every interface)")
@@ -758,17 +758,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: max_seq_len)")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--log-prompts", action="store_true", help="log prompt text (off: only counts are logged)")
-    p.add_argument("-i", "--source", default=None, choices=sorted(SOURCES),
-                   help="which checkpoints (default: sft when a complete SFT checkpoint exists, else base)")
-    p.add_argument("--checkpoint-dir", default=None, help="a checkpoint folder (default: the newest of --source)")
-    p.add_argument("--step", type=int, default=None, help="default: the last complete step in the folder")
-    p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
-    p.add_argument("--base-dir", default=None,
-                   help="default: $TRITONCHAT_BASE_DIR, else ./.tritonchat if it exists, else ~/.cache/tritonchat")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
-                   help="Triton kernels or PyTorch references (auto: kernels where they run)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="conversation length limit (default: trained)")
+    add_model_flags(p)
     args = p.parse_args(argv)
     for flag in ("port", "max_batch_size", "max_queue", "max_body_bytes", "max_messages", "default_max_tokens"):
         if getattr(args, flag) < (0 if flag == "port" else 1):

@@ -315,6 +315,27 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown, the epilog's lines (the datasets' URLs) kept whole."""
 
 
+def add_download_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `download_files`: workers, attempts, backoff, timeout, progress cadence."""
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
+    parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the 2nd try, doubled after")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a try fails")
+    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+
+
+def check_download_flags(args: argparse.Namespace) -> None:
+    """A UsageError naming the first of add_download_flags' flags out of its range."""
+    for flag in ("num_workers", "attempts"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("timeout", "progress_every"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not args.retry_wait >= 0:
+        raise UsageError(f"--retry-wait must be at least 0, got {args.retry_wait}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = get_base_dir()
     datasets = "\n".join(f"  {k}: shards 0-{d.last_shard} at {d.url}\n    into {base}/{d.folder}"
@@ -324,26 +345,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "`python -m train --data DIR`.", epilog=f"datasets:\n{datasets}")
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="training shards to fetch, -1 = all; climbmix adds its validation shard (the last)")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="climbmix", help="which dataset")
     parser.add_argument("--base-url", default=None,
                         help=f"where the shards are (default: ${URL_ENV} when set, else the dataset's URL below)")
     parser.add_argument("--out", default=None, help="folder for the shards (default: the dataset's folder, below)")
-    parser.add_argument("--attempts", type=int, default=5, help="tries per shard before giving up")
-    parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the 2nd try, doubled after")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a try fails")
-    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    add_download_flags(parser)
     args = parser.parse_args(argv)
     if args.num_files < -1:
         raise UsageError(f"--num-files must be -1 (all) or at least 0, got {args.num_files}")
-    for flag in ("num_workers", "attempts"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("timeout", "progress_every"):
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.retry_wait >= 0:
-        raise UsageError(f"--retry-wait must be at least 0, got {args.retry_wait}")
+    check_download_flags(args)
     where = "--base-url" if args.base_url else f"${URL_ENV}"
     args.base_url = args.base_url or os.environ.get(URL_ENV) or DATASETS[args.dataset].url
     if not re.match(r"https?://", args.base_url):

@@ -32,7 +32,14 @@ from pathlib import Path
 
 from tritonchat.engine.cli import HelpFormatter, UsageError, command_name, run_main
 from tritonchat.engine.paths import get_base_dir
-from tritonchat.scripts.download_data import USER_AGENT, DownloadError, _reason, download_files
+from tritonchat.scripts.download_data import (
+    USER_AGENT,
+    DownloadError,
+    _reason,
+    add_download_flags,
+    check_download_flags,
+    download_files,
+)
 from tritonchat.tasks.datafiles import DATA_DIR_NAME
 
 PROG = command_name("scripts.download_tasks")
@@ -106,24 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listing-url", default=None,
                         help=f"the file listing, {{repo}} replaced by the repository (default: ${LISTING_ENV} when "
                              f"set, else {LISTING_URL})")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
-    parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the 2nd try, doubled after")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a try fails")
-    parser.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines")
+    add_download_flags(parser)
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in TASK_DATA]
     if unknown:
         raise UsageError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(TASK_DATA)}")
     args.names = list(dict.fromkeys(args.names)) or list(DEFAULT)
-    for flag in ("num_workers", "attempts"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("timeout", "progress_every"):
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.retry_wait >= 0:
-        raise UsageError(f"--retry-wait must be at least 0, got {args.retry_wait}")
+    check_download_flags(args)
     where = "--listing-url" if args.listing_url else f"${LISTING_ENV}"
     args.listing_url = args.listing_url or os.environ.get(LISTING_ENV) or LISTING_URL
     if not re.match(r"https?://", args.listing_url) or "{repo}" not in args.listing_url:

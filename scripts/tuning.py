@@ -20,7 +20,7 @@ from tritonchat.engine.checkpoint import (
     patch_state_dict,
     save_checkpoint,
 )
-from tritonchat.engine.cli import UsageError, resolve_device
+from tritonchat.engine.cli import UsageError, add_training_runtime_flags, resolve_device
 from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
@@ -28,7 +28,7 @@ from tritonchat.scripts.chat_cli import SOURCES
 from tritonchat.scripts.chat_sft import FALLBACKS
 from tritonchat.train.dist import DistInfo, barrier, init_distributed
 from tritonchat.train.optim import MuonAdamW, build_param_groups
-from tritonchat.train.setup import check_impl, release_freed_memory, resolve_dtype, resolve_embedding_dtype
+from tritonchat.train.setup import check_impl, release_freed_memory_if_large, resolve_dtype, resolve_embedding_dtype
 
 LRS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
 
@@ -46,15 +46,7 @@ def add_common_flags(p: argparse.ArgumentParser, source_default: str = "sft") ->
     p.add_argument("--resume-from-step", type=int, default=-1, help="continue exactly from this checkpoint")
     p.add_argument("--log-every", type=int, default=1, help="a step line every N steps")
     p.add_argument("--run", default="dummy", help="run name in metrics.jsonl")
-    p.add_argument("--base-dir", default=None,
-                   help="default: $TRITONCHAT_BASE_DIR, else ./.tritonchat if it exists, else ~/.cache/tritonchat")
-    p.add_argument("--tokenizer-dir", default=None, help="default: <base>/tokenizer")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
-    p.add_argument("--embedding-dtype", default="auto",
-                   help="storage of wte and value_embeds and their AdamW moments: auto (bf16), bfloat16, float32")
-    p.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
-                   help="Triton kernels or PyTorch references (auto: kernels where they run)")
+    add_training_runtime_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -82,8 +74,6 @@ def setup(args: argparse.Namespace) -> Setup:
     dtype = resolve_dtype(args.dtype, device)
     emb_dtype = resolve_embedding_dtype(args.embedding_dtype)
     impl = check_impl(args.impl, device)
-    if device.type == "cpu":
-        release_freed_memory()
     base_dir = Path(args.base_dir or get_base_dir())
     tok_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
     if not (tok_dir / "tokenizer.pkl").exists():
@@ -122,6 +112,7 @@ def build_policy(state: dict, meta: dict, st: Setup, trainable: bool = True) -> 
                         embedding_dtype=st.embedding_dtype)
     model.load_state_dict(patch_state_dict(state, model), strict=True)
     model.check_ids = st.device.type != "cuda"
+    release_freed_memory_if_large(model, st.device)
     if not trainable:  # only ever run under no_grad; its parameters keep requires_grad so that its forward takes
         model.eval()   # the policy's code path and gives the policy's log-probabilities bit for bit at the start
     return model
@@ -177,10 +168,3 @@ def save(out_dir: Path, step: int, model: GPT, opt: MuonAdamW, meta: dict, info:
         save_checkpoint(out_dir, step, model.state_dict(), None,
                         {"step": step, "model_config": model.config.to_dict(), "world_size": info.world_size, **meta})
     barrier(info)
-
-
-def interrupted_line(done: int, saved_step: int, out_dir: Path) -> KeyboardInterrupt:
-    if saved_step == done and done > 0:
-        return KeyboardInterrupt(f"interrupted after step {done}: its checkpoint is in {out_dir}; "
-                                 f"continue with --resume-from-step={done}")
-    return KeyboardInterrupt(f"interrupted after step {done}; no checkpoint written")

@@ -136,6 +136,17 @@ def activation_bytes(config: GPTConfig, tokens: int) -> int:
     return ACTIVATION_FLOATS * 4 * tokens * config.n_layer * config.n_embd
 
 
+def recompute_choice(mode: str, cpu: bool, act_bytes: int) -> tuple[bool, str | None]:
+    """--recompute=auto|on|off for a micro-batch keeping `act_bytes` of activations: (recompute?, a note when auto
+    turned it on)."""
+    if mode != "auto":
+        return mode == "on", None
+    if cpu and act_bytes > CPU_ACTIVATION_BYTES:
+        return True, (f"recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
+                      f"of them; --recompute=off keeps them)")
+    return False, None
+
+
 def _meta_model(config: GPTConfig) -> GPT:
     with torch.device("meta"):
         return GPT(config)
@@ -170,11 +181,9 @@ def configs_from_depth(cfg: TrainConfig, vocab_size: int, world_size: int = 1, d
     # Activations: a CPU keeps a micro-batch's activations under ~1 GiB (a laptop's share) by recomputing each
     # block in backward, at the cost of one more forward (the trade of Chen et al. 2016, "Training Deep Nets with
     # Sublinear Memory Cost"); a GPU holds the recipe's micro-batch.
-    act_bytes = activation_bytes(model_config, B_micro * cfg.max_seq_len)
-    recompute = cfg.recompute == "on" or (cfg.recompute == "auto" and cpu and act_bytes > CPU_ACTIVATION_BYTES)
-    if cfg.recompute == "auto" and recompute:
-        notes.append(f"recomputing activations in backward (a micro-batch would keep ~{act_bytes / 2**30:.1f} GiB "
-                     f"of them; --recompute=off keeps them)")
+    recompute, note = recompute_choice(cfg.recompute, cpu, activation_bytes(model_config, B_micro * cfg.max_seq_len))
+    if note:
+        notes.append(note)
     # Batch: the optimal batch grows with the token horizon as a power law (nanochat's fit, D^0.383, anchored at
     # 2^19 tokens for d12; cf. the batch-size power laws of Kaplan et al. 2020 and DeepSeek LLM, Bi et al. 2024),
     # rounded to a power of two. On a CPU that batch (2^18+ tokens) would take minutes per step, so it is one

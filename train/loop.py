@@ -37,14 +37,12 @@ from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, 
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration
 from tritonchat.train.setup import (  # noqa: F401  (resolve_dtype, peak_flops: part of this module's interface)
-    LARGE_CPU_RUN,
     check_impl,
     cpu_contention,
-    cpu_footprint,
     epochs_warning,
     load_tokenizer,
     peak_flops,
-    release_freed_memory,
+    release_freed_memory_if_large,
     resolve_compile,
     resolve_device,
     resolve_dtype,
@@ -253,9 +251,8 @@ def _setup(cfg: TrainConfig, hb: Heartbeat) -> Run:
     compile_ref, compile_note = resolve_compile(cfg.compile, impl, device, plan.num_iterations)
     if compile_ref:  # the body stays eager under recompute (checkpointed blocks); the loss chunks compile either way
         model.compile_reference(body=not plan.recompute)
-    act_bytes = 0 if plan.recompute else activation_bytes(plan.model_config, plan.device_batch_size * cfg.max_seq_len)
-    if device.type == "cpu" and cpu_footprint(model, act_bytes) > LARGE_CPU_RUN:
-        release_freed_memory()
+    release_freed_memory_if_large(model, device, 0 if plan.recompute else
+                                  activation_bytes(plan.model_config, plan.device_batch_size * cfg.max_seq_len))
     # Batches come from this tokenizer, whose ids are < vocab_size: skip the per-forward host sync on CUDA.
     model.check_ids = device.type != "cuda"
     if info.enabled:  # identical starting weights on every rank

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines of a long phase
 
@@ -108,3 +109,22 @@ class InterruptGuard:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+def interrupt_after(hb, done: int, saved_step: int, out_dir: Path, save, distributed: bool) -> KeyboardInterrupt:
+    """After Ctrl-C at step `done`: in a single process, `save()` (which returns the step it wrote) unless that step
+    is already on disk, a second Ctrl-C abandoning it; returns the interrupt whose message says what is on disk."""
+    hb.doing(None)
+    if saved_step != done and done > 0 and not distributed:
+        try:
+            saved_step = save()
+        except KeyboardInterrupt:
+            pass
+    return _interrupted_line(done, saved_step, out_dir)
+
+
+def _interrupted_line(done: int, saved_step: int, out_dir: Path) -> KeyboardInterrupt:
+    if saved_step == done and done > 0:
+        return KeyboardInterrupt(f"interrupted after step {done}: its checkpoint is in {out_dir}; "
+                                 f"continue with --resume-from-step={done}")
+    return KeyboardInterrupt(f"interrupted after step {done}; no checkpoint written")

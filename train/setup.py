@@ -62,6 +62,12 @@ def cpu_footprint(model, activation_bytes: int) -> int:
     return 16 * sum(p.numel() for p in model.parameters()) + activation_bytes
 
 
+def release_freed_memory_if_large(model, device: torch.device, activation_bytes: int = 0) -> None:
+    """`release_freed_memory` for a CPU run whose `cpu_footprint` passes LARGE_CPU_RUN."""
+    if device.type == "cpu" and cpu_footprint(model, activation_bytes) > LARGE_CPU_RUN:
+        release_freed_memory()
+
+
 def release_freed_memory() -> None:
     """On glibc, serve allocations of 1 MiB and more by mmap, so a freed activation or optimizer temporary goes
     back to the system at once: a CPU step frees and reallocates GBs of mid-sized tensors, which the default
