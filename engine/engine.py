@@ -149,6 +149,24 @@ def sample_from_logits(logits: torch.Tensor, top_k: Sequence[int | None], top_p:
     return order.gather(1, picks[:, None])[:, 0]
 
 
+def greedy_tokens(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """logits.argmax(-1) of (n, V) logits: the first index of each row's maximum (NaN counting as the maximum, as
+    argmax has it), found through per-block maxima where V splits into blocks (a CPU's argmax is several times
+    slower than its max): the first block holding the row's maximum, then the first index of it there."""
+    n, V = logits.shape
+    if V % block or V <= block or logits.is_cuda:
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(n, V // block, block)
+    bmax = blocks.amax(dim=-1)  # (n, V / block); NaN where a block holds one
+    first = (bmax == bmax.amax(dim=-1, keepdim=True)).to(torch.uint8).argmax(dim=-1)
+    rows = torch.arange(n, device=logits.device)
+    out = blocks[rows, first].argmax(dim=-1) + first * block
+    nan = bmax.isnan().any(dim=-1)
+    if bool(nan.any()):  # a NaN row: argmax's own answer
+        out[nan] = logits[nan].argmax(dim=-1)
+    return out
+
+
 class Engine:
     """Serve a GPT (engine.gpt) from a paged KV cache. See the module docstring."""
 
@@ -280,7 +298,7 @@ class Engine:
             self.step()
         return [self.result(i) for i in ids]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Admit what fits, run the prefill and decode forwards, sample; returns the new events."""
         self._admit()
@@ -375,7 +393,7 @@ class Engine:
     def _forward(self, group: list[tuple[_Request, list[int]]]) -> list[TokenEvent]:
         reqs = [r for r, _ in group]
         batch = self.cache.batch([r.kv for r in reqs], [c for _, c in group])
-        logits = batch.last_rows(self.model(batch.idx, cache=batch))  # (B, V) fp32
+        logits = self.model(batch.idx, cache=batch, last_only=True)  # (B, V) fp32
         batch.commit()
         self.stats["forwards"] += 1
         self.stats["prefilled_tokens"] += sum(len(c) for _, c in group if len(c) > 1)
@@ -384,14 +402,14 @@ class Engine:
         ready = [i for i, r in enumerate(reqs) if not r.pending]
         if not ready:
             return []
-        tokens = self._sample(logits[ready], [reqs[i] for i in ready])
+        tokens = self._sample(logits if len(ready) == len(reqs) else logits[ready], [reqs[i] for i in ready])
         events: list[TokenEvent] = []
         for i, tok in zip(ready, tokens):
             events += self._accept(reqs[i], tok)
         return events
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
-        out = logits.argmax(dim=-1)
+        out = greedy_tokens(logits)
         hot = [i for i, r in enumerate(reqs) if r.params.temperature > 0]
         if hot:
             temps = torch.tensor([reqs[i].params.temperature for i in hot], device=logits.device)
@@ -508,12 +526,12 @@ class BeamSearch:
 
     def _forward(self, seqs: list[SequenceKV], chunks: list[list[int]]) -> torch.Tensor:
         batch = self.cache.batch(seqs, chunks)
-        logits = batch.last_rows(self.engine.model(batch.idx, cache=batch))
+        logits = self.engine.model(batch.idx, cache=batch, last_only=True)
         batch.commit()
         self.engine.stats["forwards"] += 1
         return logits
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """One forward (the prompt's prefill first, then one token for every beam); True once finished."""
         if self.done:

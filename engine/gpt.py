@@ -86,6 +86,34 @@ def norm(x: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     return kernels.rms_norm(x, impl=impl)
 
 
+class Ops:
+    """The fused ops a forward calls, bound to the model's impl.
+
+    trusted=True is for the cached forwards of inference on the PyTorch path: their inputs are built by the model
+    and its cache, so the references are called directly, without the public functions' input checks (a public
+    function on the PyTorch path is its reference behind those checks: the same math, bit for bit)."""
+
+    def __init__(self, impl: str, trusted: bool = False) -> None:
+        self.impl, self.trusted = impl, trusted and impl == "torch"
+
+    def rms_norm(self, x):
+        return kernels.rms_norm_ref(x) if self.trusted else kernels.rms_norm(x, impl=self.impl)
+
+    def mix_rms_norm(self, x, x0, a, b):
+        if self.trusted:
+            return kernels.mix_rms_norm_ref(x, x0, a, b)
+        return kernels.mix_rms_norm(x, x0, a, b, impl=self.impl)
+
+    def rope_qk_norm(self, q, k, cos, sin, scale):
+        if self.trusted:
+            return kernels.rope_qk_norm_ref(q, k, cos, sin, scale)
+        return kernels.rope_qk_norm(q, k, cos, sin, scale=scale, impl=self.impl)
+
+    def relu2_mlp(self, x, w_fc, w_proj):
+        return kernels.relu2_mlp_ref(x, w_fc, w_proj) if self.trusted else kernels.relu2_mlp(x, w_fc, w_proj,
+                                                                                             impl=self.impl)
+
+
 class Linear(nn.Linear):
     """A bias-free Linear whose fp32 master weight is cast to the activation dtype in forward."""
 
@@ -93,7 +121,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,7 +137,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(C, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
+    def forward(self, x, ve, cos, sin, window: int, ops: Ops, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, HEAD_DIM)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, HEAD_DIM)  # (B, T, Hkv, D)
@@ -116,9 +145,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, HEAD_DIM)
-        q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=impl)
+        q, k = ops.rope_qk_norm(q, k, cos, sin, 1.2)
         if cache is None:
-            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=impl)  # (B, T, H, D)
+            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=ops.impl)  # (B, T, H, D)
         else:  # append this chunk's k, v to the cache's pages, then attend over each whole sequence
             y = cache.attend(self.layer_idx, q, k, v, window)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
@@ -130,8 +159,8 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
-        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, impl=impl)
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -140,10 +169,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, x_normed, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
+    def forward(self, x, x_normed, ve, cos, sin, window: int, ops: Ops, cache=None) -> torch.Tensor:
         """x: the residual stream entering the block; x_normed = norm(x), made by the fused residual entry."""
-        x = x + self.attn(x_normed, ve, cos, sin, window, impl, cache)
-        return x + self.mlp(norm(x, impl), impl)
+        x = x + self.attn(x_normed, ve, cos, sin, window, ops, cache)
+        return x + self.mlp(ops.rms_norm(x), ops)
 
 
 class GPT(nn.Module):
@@ -280,16 +309,20 @@ class GPT(nn.Module):
         self.compile_ops = True
         self._compiled_hidden = torch.compile(self._hidden, dynamic=False) if body else None
 
-    def _layer(self, i: int, x, x0, idx, cos, sin, cache) -> torch.Tensor:
+    def _layer(self, i: int, x, x0, idx, cos, sin, cache, ops: Ops | None = None) -> torch.Tensor:
         """Layer i: the fused residual entry (x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass),
         the value embedding, the block."""
-        impl = self.impl
-        x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=impl)
-        ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-        return self.transformer.h[i](x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
+        ops = ops or Ops(self.impl)
+        x, x_normed = ops.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
+        ve = None
+        if str(i) in self.value_embeds:
+            ve = self.value_embeds[str(i)](idx)
+            ve = ve if ve.dtype == x.dtype else ve.to(x.dtype)
+        return self.transformer.h[i](x, x_normed, ve, cos, sin, self.windows[i], ops, cache)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean", cache=None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean", cache=None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> loss (mean scalar, or (B, T) with loss_reduction="none") when targets
         are given, else fp32 softcapped logits (B, T, vocab_size).
@@ -298,6 +331,8 @@ class GPT(nn.Module):
         of a KV cache (engine.kv_cache.PagedBatch): idx holds each sequence's new tokens, padded on the right;
         the cache gives their absolute `positions` (B, T) and `prev_tokens` (B,) (the token before each chunk,
         -1 at a sequence start), and its `attend` appends each layer's k, v and attends over the cached sequence.
+        last_only (with a cache, no targets): the logits of each sequence's last real token only, (B, vocab_size),
+        without the lm_head over the rest of a prefill chunk.
         """
         self._check_idx(idx)
         if targets is not None and targets.shape != idx.shape:
@@ -305,6 +340,10 @@ class GPT(nn.Module):
         hidden = self._compiled_hidden if cache is None and self._compiled_hidden is not None else self._hidden
         x = hidden(idx, cache)
         V = self.config.vocab_size
+        if last_only:
+            if cache is None or targets is not None:
+                raise ValueError("last_only needs a cache and no targets")
+            x = cache.last_rows(x)
         if targets is not None:
             return kernels.linear_softcap_cross_entropy(
                 x, self.lm_head.weight, targets, softcap=SOFTCAP, ignore_index=-1,
@@ -318,15 +357,16 @@ class GPT(nn.Module):
         """The final normed hidden states (B, T, C) of checked token ids (see forward)."""
         B, T = idx.shape
         impl = self.impl
+        ops = Ops(impl, trusted=cache is not None)
         if cache is None:
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:  # every token's rotary angles at its absolute position: (B, T, 1, D/2)
             cos, sin = self.cos[0, cache.positions], self.sin[0, cache.positions]
         act = self.compute_dtype
-        x = norm(self.transformer.wte(idx).to(act), impl)  # (B, T, C) in the compute dtype
+        x = ops.rms_norm(self.transformer.wte(idx).to(act))  # (B, T, C) in the compute dtype
         if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache
             has_prev = (cache.prev_tokens >= 0)[:, None, None]
-            x_first = norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act), impl) * has_prev
+            x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act)) * has_prev
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
             x = x + gate * torch.cat([x_first, x[:, :-1]], dim=1)
         elif T > 1:  # smear: mix the previous token's embedding in, gated by the current one
@@ -337,12 +377,12 @@ class GPT(nn.Module):
             if self.recompute and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._layer, i, x, x0, idx, cos, sin, None, use_reentrant=False)
             else:
-                x = self._layer(i, x, x0, idx, cos, sin, cache)
+                x = self._layer(i, x, x0, idx, cos, sin, cache, ops)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if x_mid is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
-        return norm(x, impl)
+        return ops.rms_norm(x)
 
 
 def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,

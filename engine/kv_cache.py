@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tritonchat.kernels import paged_attention, paged_kv_append, resolve_impl
+from tritonchat.kernels import PagedPlan, paged_attention, paged_kv_append, resolve_impl
 
 
 class OutOfPages(RuntimeError):
@@ -28,22 +28,28 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """A free list over page ids 0..num_pages-1 with a reference count per page in use.
+    """Page ids 0..num_pages-1, free or in use, with a reference count per page in use.
 
     `allocate` hands out pages with count 1, `share` adds a reference (a forked sequence, e.g. a beam, reading the
     same prompt pages), `free` drops one and returns the page to the pool when none is left. Freeing a page that
-    is not in use (a double free, a foreign id) is an error."""
+    is not in use (a double free, a foreign id) is an error.
+
+    Pages come as one run of consecutive ids where the pool has one (the lowest that fits; `after=p` first tries
+    the run right after page p, to extend a sequence in place), so that a sequence's tokens are usually one
+    contiguous stretch of the pool, which the CPU attention reads as a view instead of a gather. A fragmented
+    pool still hands out any free pages (the lowest ids)."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._is_free = bytearray(b"\x01" * num_pages)
+        self._num_free = num_pages
         self._refs: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
@@ -58,14 +64,28 @@ class PageAllocator:
     def refcount(self, page: int) -> int:
         return self._refs.get(page, 0)
 
-    def allocate(self, n: int) -> list[int]:
+    def _pick(self, n: int, after: int | None) -> list[int]:
+        run = b"\x01" * n
+        if after is not None and 0 <= after + 1 and after + 1 + n <= self.num_pages:
+            if self._is_free[after + 1: after + 1 + n] == run:
+                return list(range(after + 1, after + 1 + n))
+        start = self._is_free.find(run)
+        if start >= 0:
+            return list(range(start, start + n))
+        return np.flatnonzero(np.frombuffer(self._is_free, dtype=np.uint8))[:n].tolist()
+
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
-        if n > len(self._free):
-            raise OutOfPages(f"need {n} pages but only {len(self._free)} of {self.num_pages} are free")
-        pages = [self._free.pop() for _ in range(n)]
+        if n > self._num_free:
+            raise OutOfPages(f"need {n} pages but only {self._num_free} of {self.num_pages} are free")
+        if n == 0:
+            return []
+        pages = self._pick(n, after)
         for p in pages:
+            self._is_free[p] = 0
             self._refs[p] = 1
+        self._num_free -= n
         return pages
 
     def share(self, pages: Sequence[int]) -> None:
@@ -84,7 +104,8 @@ class PageAllocator:
                 self._refs[p] = n - 1
             else:
                 del self._refs[p]
-                self._free.append(p)
+                self._is_free[p] = 1
+                self._num_free += 1
 
 
 @dataclass
@@ -126,7 +147,7 @@ class PagedKVCache:
         """Give `seq` pages for n_tokens tokens in total (raises OutOfPages, allocating nothing, when short)."""
         extra = self.pages_for(n_tokens) - len(seq.pages)
         if extra > 0:
-            seq.pages.extend(self.allocator.allocate(extra))
+            seq.pages.extend(self.allocator.allocate(extra, after=seq.pages[-1] if seq.pages else None))
 
     def truncate(self, seq: SequenceKV, n_tokens: int) -> None:
         """Keep the first n_tokens tokens of `seq` and return the pages past them to the pool."""
@@ -156,7 +177,7 @@ class PagedKVCache:
         for i in range(seq.length // self.page_size, self.pages_for(n_tokens)):
             old = seq.pages[i]
             if self.allocator.refcount(old) > 1:
-                (new,) = self.allocator.allocate(1)
+                (new,) = self.allocator.allocate(1, after=seq.pages[i - 1] if i else None)
                 self.k[:, new].copy_(self.k[:, old])
                 self.v[:, new].copy_(self.v[:, old])
                 self.allocator.free([old])
@@ -215,14 +236,28 @@ class PagedBatch:
         self.seq_lens, self.q_lens = lens_t[0].to(torch.int32), lens_t[1].to(torch.int32)
         self.prev_tokens = lens_t[2]
         self.q_lens_list = [len(c) for c in chunks]
+        # The slots of the real tokens (padding skipped), for the PyTorch path's append: one index_copy_ a layer.
+        real = np.flatnonzero(slots.ravel() >= 0)
+        self._real_rows = None if real.size == B * T else torch.from_numpy(real).to(cache.device)
+        self._real_slots = slots_t if self._real_rows is None else slots_t[self._real_rows]
+        self._plan = None
+        if cache.impl == "torch":
+            self._plan = PagedPlan([s.pages for s in seqs], lens[0].tolist(), self.q_lens_list, T, ps, cache.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         """q (B, T, H, D), k and v (B, T, Hkv, D) for this step's tokens -> (B, T, H, D)."""
         B, T, Hkv, D = k.shape
         kp, vp = self.cache.k[layer], self.cache.v[layer]
-        paged_kv_append(kp, vp, k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D), self.slots, impl=self.cache.impl)
+        k, v = k.reshape(B * T, Hkv, D), v.reshape(B * T, Hkv, D)
+        if self.cache.impl == "torch":  # the indices are built (and checked) here, once a step
+            if self._real_rows is not None:
+                k, v = k[self._real_rows], v[self._real_rows]
+            kp.view(-1, Hkv, D).index_copy_(0, self._real_slots, k)
+            vp.view(-1, Hkv, D).index_copy_(0, self._real_slots, v)
+        else:
+            paged_kv_append(kp, vp, k, v, self.slots, impl=self.cache.impl)
         return paged_attention(q, kp, vp, self.block_table, self.seq_lens, self.q_lens, window=window,
-                               impl=self.cache.impl)
+                               impl=self.cache.impl, plan=self._plan)
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The row of each sequence's last real token: (B, T, ...) -> (B, ...)."""

@@ -18,6 +18,7 @@ from tritonchat.kernels.muon import (
     muon_step_ref,
 )
 from tritonchat.kernels.paged_attention import (
+    PagedPlan,
     paged_attention,
     paged_attention_ref,
     paged_kv_append,
@@ -29,6 +30,7 @@ from tritonchat.kernels.rope import apply_rope, apply_rope_ref, rope_qk_norm, ro
 
 __all__ = [
     "IMPLS",
+    "PagedPlan",
     "adamw_step_",
     "adamw_step_ref",
     "gram",

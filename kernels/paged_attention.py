@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from tritonchat.kernels._dispatch import check_number, check_same_device, check_tensor, use_kernel
 from tritonchat.kernels._launch import capability_major, dot_meta, last_dim_contiguous, sm_count
 from tritonchat.kernels.attention import flash_attention_ref
 
-__all__ = ["paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
+__all__ = ["PagedPlan", "paged_attention", "paged_attention_ref", "paged_kv_append", "paged_kv_append_ref"]
 _NO_WINDOW = 1 << 30  # a window wider than any context
 
 
@@ -238,6 +239,92 @@ def _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, 
     return out
 
 
+def _run_start(pages: list[int], page_size: int) -> int | None:
+    """The first slot of a sequence whose pages are consecutive (the common case: the engine's allocator hands a
+    sequence one run of pages), else None."""
+    p0 = pages[0]
+    if pages[-1] - p0 == len(pages) - 1 and all(p == p0 + i for i, p in enumerate(pages)):
+        return p0 * page_size
+    return None
+
+
+def _strided_runs(members: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """(start, b) pairs, sorted by start, cut into runs whose starts step by one constant > 0."""
+    runs, i = [], 0
+    while i < len(members):
+        j = i + 1
+        if j < len(members) and members[j][0] > members[i][0]:
+            step = members[j][0] - members[i][0]
+            while j + 1 < len(members) and members[j + 1][0] - members[j][0] == step:
+                j += 1
+            j += 1
+        runs.append(members[i:j])
+        i = j
+    return runs
+
+
+class PagedPlan:
+    """How the PyTorch path reads one step's sequences from the pool, worked out once for every layer (pass it as
+    `paged_attention(..., plan=)`): block_table, seq_lens, q_lens as Python lists, Tq the padded query rows.
+
+    Each sequence's keys are a view of the pool where its pages are consecutive (a gather otherwise), and decode
+    rows (one query) of sequences of one length whose views step through the pool by one stride attend together,
+    in one SDPA call over a strided view. `runs`: those calls; `others`: the sequences attended one by one;
+    `whole`: one call covers the batch."""
+
+    def __init__(self, block_table: list[list[int]], seq_lens: list[int], q_lens: list[int], Tq: int,
+                 page_size: int, device: torch.device) -> None:
+        self.batch, self.Tq = len(seq_lens), Tq
+        self.runs: list[tuple[int, list[int] | slice, int, int, int]] = []  # (length, rows, count, slot, step)
+        self.others: list[tuple[int, int, int, int | None, torch.Tensor | None]] = []  # (b, n, m, slot, pages)
+        decode: dict[int, list[tuple[int, int]]] = {}
+        for b, (n, m) in enumerate(zip(seq_lens, q_lens)):
+            if m == 0:
+                continue
+            pages = block_table[b][: -(-n // page_size)]
+            start = _run_start(pages, page_size)
+            if m == 1 and start is not None:
+                decode.setdefault(n, []).append((start, b))
+            else:
+                idx = None if start is not None else torch.tensor(pages, dtype=torch.int64, device=device)
+                self.others.append((b, n, m, start, idx))
+        for n, members in decode.items():
+            for run in _strided_runs(sorted(members)):
+                rows: list[int] | slice = [b for _, b in run]
+                if rows == list(range(rows[0], rows[0] + len(rows))):  # in batch order: a slice, not a gather
+                    rows = slice(rows[0], rows[0] + len(rows))
+                self.runs.append((n, rows, len(run), run[0][0], run[1][0] - run[0][0] if len(run) > 1 else 0))
+        # one run over the whole batch, one query each: its output is the result itself
+        self.whole = Tq == 1 and not self.others and len(self.runs) == 1 and self.runs[0][1] == slice(0, self.batch)
+
+
+def _paged_attention_torch(q, k_pages, v_pages, plan: PagedPlan, window, scale):
+    """The PyTorch path, by the plan; equal to paged_attention_ref (tests/kernels/test_kernels_paged_attention.py)."""
+    H, D = q.size(2), q.size(3)
+    Hkv = k_pages.size(2)
+    row = Hkv * D
+    k_flat, v_flat = k_pages.view(-1, Hkv, D), v_pages.view(-1, Hkv, D)
+    out = None if plan.whole else torch.zeros_like(q)
+    for n, rows, count, start, step in plan.runs:  # a decode row sees every key left after the window's cut
+        lo = 0 if window is None else max(0, n - 1 - window)
+        shape, stride = (count, Hkv, n - lo, D), (step * row, D, row, 1)
+        kt = k_flat.as_strided(shape, stride, k_flat.storage_offset() + (start + lo) * row)
+        vt = v_flat.as_strided(shape, stride, v_flat.storage_offset() + (start + lo) * row)
+        y = F.scaled_dot_product_attention(q[rows, 0].unsqueeze(2), kt, vt, scale=scale, enable_gqa=H != Hkv)
+        if out is None:
+            return y.transpose(1, 2)
+        out[rows, 0] = y[:, :, 0]
+    for b, n, m, start, idx in plan.others:
+        if idx is None:
+            k, v = k_flat[start: start + n], v_flat[start: start + n]
+        else:
+            k, v = k_pages[idx].flatten(0, 1)[:n], v_pages[idx].flatten(0, 1)[:n]
+        lo = 0 if window is None else max(0, n - m - window)  # the first query (position n - m) sees keys >= lo
+        out[b, :m] = flash_attention_ref(q[b: b + 1, :m], k[None, lo:], v[None, lo:], causal=m > 1, window=window,
+                                         scale=scale)[0]
+    return out
+
+
 def _check_index(name: str, t: object, shape: tuple) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -261,6 +348,7 @@ def paged_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     impl: str = "auto",
+    plan: PagedPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention of new queries over a paged KV cache (layout and mask in the module docstring).
 
@@ -269,7 +357,15 @@ def paged_attention(
     q_lens <= seq_lens <= max_pages * page_size (values are checked for CPU tensors only, to spare a sync).
     window: None or an int >= 0. scale: None means 1/sqrt(D). num_splits: KV splits (None: chosen from the
     batch and the device). Returns (B, Tq, H, D) in q's dtype, zero on padding rows. Not differentiable.
+    plan: a `PagedPlan` of these very indices, for a caller that attends with them in many layers (one step of
+    every layer of a model) and built them itself: no input is checked, and the PyTorch path follows the plan.
     """
+    if plan is not None:
+        scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+        if use_kernel(impl, q, k_pages, v_pages):
+            return _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale,
+                                           num_splits)
+        return _paged_attention_torch(q, k_pages, v_pages, plan, window, scale)
     check_tensor("q", q, ndim=4)
     check_tensor("k_pages", k_pages, ndim=4)
     check_tensor("v_pages", v_pages, ndim=4)
@@ -314,7 +410,8 @@ def paged_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if use_kernel(impl, q, k_pages, v_pages):
         return _paged_attention_triton(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale, num_splits)
-    return paged_attention_ref(q, k_pages, v_pages, block_table, seq_lens, q_lens, window, scale)
+    plan = PagedPlan(block_table.tolist(), seq_lens.tolist(), q_lens.tolist(), Tq, page_size, q.device)
+    return _paged_attention_torch(q, k_pages, v_pages, plan, window, scale)
 
 
 def paged_kv_append(

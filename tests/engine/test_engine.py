@@ -244,12 +244,13 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.transcript, self.fed = transcript, []
 
-    def forward(self, idx, cache):
+    def forward(self, idx, cache, last_only=False):
         for row, n in zip(idx.tolist(), cache.q_lens_list):
             self.fed.extend(row[:n])
         logits = torch.zeros(*idx.shape, self.config.vocab_size)
         nxt = [[self.transcript[min(p + 1, len(self.transcript) - 1)] for p in row] for row in cache.positions.tolist()]
-        return logits.scatter_(2, torch.tensor(nxt)[..., None], 10.0)
+        logits.scatter_(2, torch.tensor(nxt)[..., None], 10.0)
+        return cache.last_rows(logits) if last_only else logits
 
 
 @pytest.mark.parametrize("expr,result", [("12*7", "84"), ("__import__('os')", None)])
@@ -342,3 +343,61 @@ def test_cached_forward_logits_match_full_forward(model):
         got[1].append(logits[1, : b1 - b0])
     for s, g in zip(seqs, got):
         torch.testing.assert_close(torch.cat(g), model(torch.tensor([s]))[0], **tol("model_logits", torch.float32))
+
+
+def test_allocator_hands_out_runs_of_pages():
+    alloc = PageAllocator(12)
+    a, b = alloc.allocate(3), alloc.allocate(4)
+    assert a == [0, 1, 2] and b == [3, 4, 5, 6]
+    alloc.free(a)
+    assert alloc.allocate(2) == [0, 1]  # the lowest run that fits
+    assert alloc.allocate(4) == [7, 8, 9, 10]  # page 2 alone is too short
+    assert alloc.allocate(1, after=10) == [11]  # extends a run in place
+    assert alloc.allocate(1, after=11) == [2]  # nothing after the last page: the lowest free one
+    alloc.free([4, 8])
+    assert alloc.allocate(2) == [4, 8]  # no run of two left: any free pages
+    assert alloc.num_free == 0 and alloc.num_used == 12
+
+
+def test_greedy_tokens_equals_argmax():
+    from tritonchat.engine.engine import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for V in (1000, 2048, 4096):
+        for t in range(30):
+            x = torch.randn(5, V, generator=g) if t % 2 else torch.randint(0, 3, (5, V), generator=g).float()
+            if t % 3 == 0:
+                x[2, torch.randint(0, V, (2,), generator=g)] = float("nan")
+            x[4] = float("-inf") if t % 5 == 0 else x[4]
+            assert torch.equal(greedy_tokens(x), x.argmax(-1))
+
+
+def test_greedy_is_the_same_on_views_strided_runs_and_gathers(model):
+    """Greedy tokens do not depend on how the CPU path reads the pool: equal prompts admitted together (one
+    strided call a layer), mixed lengths (views, a call each) and a pool fragmented so that sequences get scattered
+    pages (gathers) all give the plain forward's tokens."""
+    same = [PROMPTS[0]] * 3 + [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop_tokens=())
+    want = {tuple(p): greedy_full_forward(model, p, 20) for p in [*same, *PROMPTS]}
+    for prompts, fragment in ((same, False), (PROMPTS, False), (same, True), (PROMPTS, True)):
+        engine = Engine(model, page_size=4, num_pages=64, max_batch_size=4, max_seq_len=64, impl="torch")
+        holes = engine.cache.allocator.allocate(63)  # leave every other page free: no run of two
+        engine.cache.allocator.free(holes[1::2] if fragment else holes)
+        plans = []
+
+        def batch(seqs, chunks, real=engine.cache.batch, plans=plans):
+            plans.append(real(seqs, chunks))
+            return plans[-1]
+
+        engine.cache.batch = batch
+        got = engine.generate(prompts, params)
+        assert [g.tokens for g in got] == [want[tuple(p)] for p in prompts]
+        decode = [b._plan for b in plans if b.idx.size(1) == 1]
+        if fragment:
+            assert any(p.others for p in decode)  # gathered (a sequence within its first page is still a view)
+        else:
+            assert all(p.runs and not p.others for p in decode)
+            if prompts is same:  # all four in one call
+                assert any(p.whole and p.batch == 4 for p in decode)
+            else:  # three lengths, three calls
+                assert any(len(p.runs) == 3 for p in decode)

@@ -161,3 +161,65 @@ def test_bad_inputs():
         paged_kv_append(kp, vp, k, v, torch.tensor([0, kp.size(0) * kp.size(1)]))
     with pytest.raises(ValueError, match="shape"):
         paged_kv_append(kp, vp, k[:, :1], v[:, :1], torch.tensor([0, 1]))
+
+
+def _laid_out(starts, seq_lens, q_lens, tq, h, hkv, d, page_size, num_pages, seed=0, scatter=()):
+    """A pool of garbage with sequence b on the consecutive pages from starts[b] (or on shuffled free pages when b
+    is in `scatter`); returns the paged inputs and the dense k/v of each sequence."""
+    g = torch.Generator().manual_seed(seed)
+    kp, vp = (torch.randn(num_pages, page_size, hkv, d, generator=g) for _ in range(2))
+    need = [-(-n // page_size) for n in seq_lens]
+    used = [p for b, s in enumerate(starts) if b not in scatter for p in range(s, s + need[b])]
+    assert len(used) == len(set(used)), "sequences overlap"
+    spare = [p for p in torch.randperm(num_pages, generator=g).tolist() if p not in set(used)]
+    table = torch.zeros(len(seq_lens), max(need) + 1, dtype=torch.int32)
+    dense = []
+    for b, n in enumerate(seq_lens):
+        pages = [spare.pop() for _ in range(need[b])] if b in scatter else list(range(starts[b], starts[b] + need[b]))
+        table[b, : need[b]] = torch.tensor(pages)
+        k, v = torch.randn(n, hkv, d, generator=g) * 1.5, torch.randn(n, hkv, d, generator=g)
+        for j in range(n):
+            kp[pages[j // page_size], j % page_size], vp[pages[j // page_size], j % page_size] = k[j], v[j]
+        dense.append((k, v))
+    q = torch.randn(len(seq_lens), tq, h, d, generator=g) * 1.5
+    return q, kp, vp, table, torch.tensor(seq_lens), torch.tensor(q_lens), dense
+
+
+TORCH_CASES = [  # (starts (pages), seq_lens, q_lens, Tq, H, Hkv, D, page_size, window, scatter, runs, whole)
+    ([0, 3, 6, 9], [40, 40, 40, 40], [1, 1, 1, 1], 1, 4, 2, 16, 16, None, (), 1, True),  # one strided run
+    ([0, 3, 6, 9], [40, 40, 40, 40], [1, 1, 1, 1], 1, 2, 2, 16, 16, 9, (), 1, True),  # ... under a window
+    ([9, 0, 3, 6], [40, 40, 40, 40], [1, 1, 1, 1], 1, 2, 1, 16, 16, 20, (), 1, False),  # run out of batch order
+    ([0, 3, 7, 12], [33, 33, 33, 33], [1, 1, 1, 1], 1, 2, 2, 16, 16, None, (), 2, False),  # uneven steps
+    ([0, 4, 8, 12], [50, 17, 50, 9], [1, 1, 1, 1], 1, 2, 2, 8, 16, 12, (), 3, False),  # lengths differ
+    ([0, 4, 8, 12], [50, 50, 50, 50], [1, 1, 1, 1], 1, 3, 1, 16, 16, None, (1,), 2, False),  # one gathered
+    ([0, 4, 8, 12], [50, 23, 50, 9], [6, 1, 1, 9], 9, 2, 2, 24, 16, 7, (3,), 2, False),  # prefill chunks
+    ([0, 7, 10, 17], [50, 23, 50, 9], [6, 0, 1, 2], 6, 2, 1, 16, 8, 0, (), 1, False),  # window 0, an empty row
+]
+
+
+@pytest.mark.parametrize("starts,seq_lens,q_lens,tq,h,hkv,d,page_size,window,scatter,runs,whole", TORCH_CASES)
+def test_torch_path_views_and_strided_runs(starts, seq_lens, q_lens, tq, h, hkv, d, page_size, window, scatter,
+                                           runs, whole):
+    """The PyTorch path reads consecutive pages as views and groups equal-length decode rows that step through the
+    pool evenly into one call (the plan says so): equal to the gathering reference and to dense float64."""
+    from tritonchat.kernels.paged_attention import PagedPlan
+
+    q, kp, vp, bt, sl, ql, dense = _laid_out(starts, seq_lens, q_lens, tq, h, hkv, d, page_size, 24, scatter=scatter)
+    plan = PagedPlan(bt.tolist(), seq_lens, q_lens, tq, page_size, q.device)
+    assert len(plan.runs) == runs and plan.whole == whole
+    want = paged_attention_ref(q, kp, vp, bt, sl, ql, window=window)
+    for got in (paged_attention(q, kp, vp, bt, sl, ql, window=window, impl="torch"),
+                paged_attention(q, kp, vp, bt, sl, ql, window=window, impl="torch", plan=plan)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.double(), dense_expect(q, ql, dense, window), **TOL)
+
+
+def test_torch_path_keeps_nan_to_its_sequence():
+    """NaN in one sequence's keys comes out in that sequence's rows only, and NaN in the pool past a sequence's
+    length (stale rows of an earlier one) never reaches it."""
+    q, kp, vp, bt, sl, ql, dense = _laid_out([0, 3, 6], [40, 40, 40], [1, 1, 1], 1, 2, 2, 16, 16, 12)
+    kp[3, 2] = float("nan")  # sequence 1, token 2
+    kp[2, 10], vp[8, 9] = float("nan"), float("inf")  # past the 40 tokens of sequences 0 and 2
+    got = paged_attention(q, kp, vp, bt, sl, ql, impl="torch")
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+    torch.testing.assert_close(got[[0, 2]], paged_attention_ref(q, kp, vp, bt, sl, ql)[[0, 2]])
