@@ -14,8 +14,9 @@ Training step (one micro-batch of 2048 tokens, then the optimizer step and zero_
                    compiled function with 0-D tensor hyperparameters (dynamic=False): how the reference compiles its
                    model and its fused optimizer steps on a CPU
 Evaluation: the no-grad forward with per-token losses of the same three. Decode: one engine.step() with B
-requests running (after a prompt of --prompt-len tokens) against a plain eager loop over a contiguous
-(L, B, T, H, D) cache. Each timed unit alternates its variants, --reps times; medians, with min and max as the
+greedy requests running (after a prompt of --prompt-len tokens) against the reference engine's step restated: a
+plain eager forward over a contiguous (L, B, T, H, D) cache, then its temperature-0 sampling (argmax, tokens to
+the host) feeding the next step. Each timed unit alternates its variants, --reps times; medians, with min and max as the
 spread. The first call of each variant (compilation included) is reported as warm-up seconds. The machine may be
 shared: the spread says how much. The result goes to bench/results/cpu_<device>_<time>.json (bench.common).
 """
@@ -267,15 +268,16 @@ def decode_unit(depth: int, batch: int, args, deadline: float) -> dict:
         engine.step()
     shape = (cfg.n_layer, batch, P + args.reps + 8, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
     kc, vc = torch.zeros(shape), torch.zeros(shape)
-    state = {"pos": P}
-    tok, prev = prompts[:, -1], prompts[:, -2]
+    state = {"pos": P, "tok": prompts[:, -1], "prev": prompts[:, -2]}
     with torch.no_grad():  # fill the contiguous cache with the prompt (its values are not compared, only timed)
         for i in range(P):
             rest.decode(prompts[:, i], prompts[:, i - 1] if i else prompts[:, 0], i, kc, vc)
 
-    def contiguous():
+    def contiguous():  # the reference engine's step: the forward, then sample_next_token at temperature 0
         state["pos"] += 1
-        rest.decode(tok, prev, state["pos"] - 1, kc, vc)
+        logits = rest.decode(state["tok"], state["prev"], state["pos"] - 1, kc, vc)
+        nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        state["prev"], state["tok"] = state["tok"], torch.tensor(nxt[:, 0].tolist())
 
     out = _alternate({"engine": engine.step, "contiguous": contiguous}, args.reps, deadline)
     return {"depth": depth, "batch": batch, "context": P, "decode": out,

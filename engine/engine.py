@@ -154,7 +154,7 @@ def greedy_tokens(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     argmax has it), found through per-block maxima where V splits into blocks (a CPU's argmax is several times
     slower than its max): the first block holding the row's maximum, then the first index of it there."""
     n, V = logits.shape
-    if V % block or V <= block or logits.is_cuda:
+    if V % block or V <= block or n < 2 or logits.is_cuda:
         return logits.argmax(dim=-1)
     blocks = logits.reshape(n, V // block, block)
     bmax = blocks.amax(dim=-1)  # (n, V / block); NaN where a block holds one

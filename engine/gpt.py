@@ -105,8 +105,9 @@ class Ops:
         return kernels.mix_rms_norm(x, x0, a, b, impl=self.impl)
 
     def rope_qk_norm(self, q, k, cos, sin, scale):
-        if self.trusted:
-            return kernels.rope_qk_norm_ref(q, k, cos, sin, scale)
+        if self.trusted:  # q and k side by side through one RoPE and one norm (rows are independent in both)
+            qk = kernels.rms_norm_ref(kernels.apply_rope_ref(torch.cat([q, k], dim=2), cos, sin)) * scale
+            return qk[:, :, : q.size(2)], qk[:, :, q.size(2):]
         return kernels.rope_qk_norm(q, k, cos, sin, scale=scale, impl=self.impl)
 
     def relu2_mlp(self, x, w_fc, w_proj):
@@ -189,6 +190,7 @@ class GPT(nn.Module):
         self.activation_dtype: torch.dtype | None = None  # None: the embedding tables' dtype
         self.compile_ops = False  # the reference path's loss chunks under torch.compile (see compile_reference)
         self._compiled_hidden = None  # torch.compile(self._hidden), set by compile_reference
+        self.flat_decode = True  # cached steps on the PyTorch path through _cached_layers (False: the blocks)
         L, C, Vp = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * HEAD_DIM
         self.transformer = nn.ModuleDict(
@@ -286,7 +288,8 @@ class GPT(nn.Module):
         return 6 * linear + attn
 
     # ---- forward ----------------------------------------------------------------------------
-    def _check_idx(self, idx: torch.Tensor) -> None:
+    def _check_idx(self, idx: torch.Tensor, token_range: tuple[int, int] | None = None) -> None:
+        """token_range: the ids' (min, max) when the caller has them on the host (a cache step), else read here."""
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be int64 or int32, got {idx.dtype}")
         if idx.ndim != 2:
@@ -296,7 +299,7 @@ class GPT(nn.Module):
         # The range check reads the ids on the host: free on CPU, one sync on CUDA, skipped under torch.compile
         # and when the caller vouches for its ids (`check_ids=False`, e.g. the trainer's own tokenizer output).
         if idx.numel() and self.check_ids and not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
+            lo, hi = token_range or (int(idx.min()), int(idx.max()))
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} out of range [0, {self.config.vocab_size})")
@@ -334,7 +337,7 @@ class GPT(nn.Module):
         last_only (with a cache, no targets): the logits of each sequence's last real token only, (B, vocab_size),
         without the lm_head over the rest of a prefill chunk.
         """
-        self._check_idx(idx)
+        self._check_idx(idx, getattr(cache, "token_range", None))
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
         hidden = self._compiled_hidden if cache is None and self._compiled_hidden is not None else self._hidden
@@ -350,6 +353,10 @@ class GPT(nn.Module):
                 reduction=loss_reduction, vocab_size=V, impl=self.impl, check_targets=self.check_ids,
                 compile_chunks=self.compile_ops and cache is None,
             )
+        if cache is not None and self.impl == "torch" and not torch.is_grad_enabled():
+            linear = getattr(cache, "linear", None)  # the cache's prepacked weight (engine.kv_cache), where it has one
+            logits = (self.lm_head(x) if linear is None else linear(x, self.lm_head.weight))[..., :V].float()
+            return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # in place: nothing is kept for a backward
         logits = self.lm_head(x)[..., :V].float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
@@ -365,14 +372,19 @@ class GPT(nn.Module):
         act = self.compute_dtype
         x = ops.rms_norm(self.transformer.wte(idx).to(act))  # (B, T, C) in the compute dtype
         if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache
-            has_prev = (cache.prev_tokens >= 0)[:, None, None]
-            x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act)) * has_prev
+            if cache.all_have_prev:
+                x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens[:, None]).to(act))
+            else:
+                has_prev = (cache.prev_tokens >= 0)[:, None, None]
+                x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act)) * has_prev
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-            x = x + gate * torch.cat([x_first, x[:, :-1]], dim=1)
+            x = x + gate * (x_first if T == 1 else torch.cat([x_first, x[:, :-1]], dim=1))
         elif T > 1:  # smear: mix the previous token's embedding in, gated by the current one
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0, x_mid = x, None
+        if ops.trusted and self.flat_decode:
+            return self._cached_layers(x, x0, idx, cos, sin, cache)
         for i in range(self.config.n_layer):
             if self.recompute and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._layer, i, x, x0, idx, cos, sin, None, use_reentrant=False)
@@ -383,6 +395,42 @@ class GPT(nn.Module):
         if x_mid is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
         return ops.rms_norm(x)
+
+
+    def _cached_layers(self, x, x0, idx, cos, sin, cache) -> torch.Tensor:
+        """The layers and the final norm of a cached step on the PyTorch path (`Ops(trusted=True)`), written out
+        flat: the same ops as `_layer` and the blocks, in the same order, with the per-call Python of the modules
+        and op wrappers left out (a decode step is a few hundred tiny ops on a CPU, where that Python is a large
+        share of the time). tests/engine/test_gpt.py checks it against the blocks."""
+        dt, C, n_mid = x.dtype, self.config.n_embd, self.config.n_layer // 2
+        lin = _cast_linear
+        x_mid = None
+        for i, blk in enumerate(self.transformer.h):
+            a, mlp = blk.attn, blk.mlp
+            x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
+            xn = F.rms_norm(x, (C,))
+            B, T = xn.shape[:2]
+            q = lin(xn, a.c_q.weight).view(B, T, a.n_head, HEAD_DIM)
+            k = lin(xn, a.c_k.weight).view(B, T, a.n_kv_head, HEAD_DIM)
+            v = lin(xn, a.c_v.weight).view(B, T, a.n_kv_head, HEAD_DIM)
+            ve = self.value_embeds[str(i)].weight if a.ve_gate is not None else None
+            if ve is not None:
+                gate = 3 * torch.sigmoid(lin(xn[..., :VE_GATE_CHANNELS], a.ve_gate.weight))
+                v = v + gate.unsqueeze(-1) * F.embedding(idx, ve).to(dt).view(B, T, a.n_kv_head, HEAD_DIM)
+            qk = kernels.rms_norm_ref(kernels.apply_rope_ref(torch.cat([q, k], dim=2), cos, sin)) * 1.2
+            y = cache.attend(i, qk[:, :, : a.n_head], qk[:, :, a.n_head:], v, self.windows[i])
+            x = x + lin(y.reshape(B, T, -1), a.c_proj.weight)
+            h = F.relu(lin(F.rms_norm(x, (C,)), mlp.c_fc.weight)).square()
+            x = x + lin(h, mlp.c_proj.weight)
+            if i == n_mid:
+                x_mid = x
+        if x_mid is not None:
+            x = x - self.backout_lambda.to(dt) * x_mid
+        return F.rms_norm(x, (C,))
+
+
+def _cast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
 
 
 def build_model(config: GPTConfig, device="cpu", impl: str = "torch", compute_dtype: torch.dtype | None = None,

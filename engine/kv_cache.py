@@ -15,11 +15,13 @@ calls `PagedBatch.commit()` afterwards to advance the sequences. The model never
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tritonchat.kernels import PagedPlan, paged_attention, paged_kv_append, resolve_impl
 
 
@@ -135,6 +137,29 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.allocator = PageAllocator(num_pages)
+        self._packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (its key, prepacked copy)
+        self._pack_ok = self.k.device.type == "cpu"
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """x @ w.T for the model's inference on a CPU (GPT uses it for the lm_head), through a copy of w prepacked
+        for oneDNN's GEMM: at a decode step's 4 rows and more it is faster than the plain matmul. The copy is
+        made on first use and remade whenever w changes (e.g. an optimizer step between two rounds of sampling, as
+        in RL); it lives, one more copy of w, as long as the cache. Plain F.linear off a CPU, for other dtypes, or
+        where the build has no oneDNN."""
+        rows = x.numel() // max(1, x.size(-1))
+        if (rows < 4 or not self._pack_ok or x.dtype != torch.float32 or w.dtype != torch.float32
+                or x.device != w.device):  # one to three rows: the plain GEMV is as fast (bench/cpu.py)
+            return F.linear(x, w.to(x.dtype))
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        try:
+            entry = self._packed.get(id(w))
+            if entry is None or entry[0] != key:
+                self._packed[id(w)] = entry = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+            return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [None], "")
+        except (AttributeError, RuntimeError, NotImplementedError):  # no oneDNN here: the plain matmul from now on
+            self._pack_ok = False
+            self._packed.clear()
+            return F.linear(x, w)
 
     @property
     def device(self) -> torch.device:
@@ -196,6 +221,8 @@ class PagedBatch:
     token 0 to (B, T). What the model uses:
         positions    (B, T) int64 absolute position of every token (0 on padding)
         prev_tokens  (B,) int64 the token just before each chunk, -1 where the sequence starts
+        all_have_prev  True when no sequence starts in this step (every prev_tokens >= 0)
+        token_range  (min, max) of idx, read on the host
         attend(layer, q, k, v, window) -> (B, T, H, D): append this chunk's k, v of `layer` to the pages, then
                      attend over each whole sequence (paged_attention); padding rows come back zero.
     After the forward, `commit()` records the chunks as cached.
@@ -206,43 +233,66 @@ class PagedBatch:
             raise ValueError(f"need one non-empty chunk per sequence, got {len(seqs)} sequences, {len(chunks)} chunks")
         ps = cache.page_size
         B, T = len(seqs), max(len(c) for c in chunks)
-        max_pages = max(1, max(len(s.pages) for s in seqs))
-        idx = np.zeros((B, T), dtype=np.int64)
-        pos = np.zeros((B, T), dtype=np.int64)
-        slots = np.full((B, T), -1, dtype=np.int64)
-        table = np.zeros((B, max_pages), dtype=np.int64)
-        lens = np.zeros((3, B), dtype=np.int64)  # seq_lens, q_lens, prev_tokens
+        idx: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seq_lens, q_lens, prev = [], [], []
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             n, m = s.length, len(c)
             if m == 0:
                 raise ValueError(f"sequence {i} has an empty chunk")
             if n + m > len(s.pages) * ps:
                 raise ValueError(f"sequence {i} holds {len(s.pages)} pages, too few for {n + m} tokens: reserve first")
-            p = n + np.arange(m)
-            pages = np.asarray(s.pages, dtype=np.int64)
-            idx[i, :m], pos[i, :m] = c, p
-            slots[i, :m] = pages[p // ps] * ps + p % ps
-            table[i, : len(pages)] = pages
-            lens[:, i] = (n + m, m, s.tokens[-1] if n else -1)
-        # One host-to-device copy for all index tensors.
-        flat = torch.from_numpy(np.concatenate([idx.ravel(), pos.ravel(), slots.ravel(), table.ravel(), lens.ravel()]))
-        flat = flat.to(cache.device, non_blocking=True)
-        sizes = [B * T, B * T, B * T, B * max_pages, 3 * B]
-        idx_t, pos_t, slots_t, table_t, lens_t = torch.split(flat, sizes)
+            pages, pad = s.pages, [0] * (T - m)
+            idx += c
+            idx += pad
+            pos += range(n, n + m)
+            pos += pad
+            slots += [pages[p // ps] * ps + p % ps for p in range(n, n + m)]
+            slots += [-1] * (T - m)
+            seq_lens.append(n + m)
+            q_lens.append(m)
+            prev.append(s.tokens[-1] if n else -1)
+        # One host-to-device copy for the index tensors the model reads every step.
+        flat = torch.tensor(idx + pos + slots + prev, dtype=torch.int64).to(cache.device, non_blocking=True)
+        N = B * T
+        slots_t, self.prev_tokens = flat[2 * N: 3 * N], flat[3 * N:]
         self.cache, self.seqs, self.chunks = cache, list(seqs), [list(c) for c in chunks]
-        self.idx, self.positions, self.slots = idx_t.view(B, T), pos_t.view(B, T), slots_t
-        self.block_table = table_t.view(B, max_pages).to(torch.int32)
-        lens_t = lens_t.view(3, B)
-        self.seq_lens, self.q_lens = lens_t[0].to(torch.int32), lens_t[1].to(torch.int32)
-        self.prev_tokens = lens_t[2]
-        self.q_lens_list = [len(c) for c in chunks]
+        self.idx, self.positions, self.slots = flat[:N].view(B, T), flat[N: 2 * N].view(B, T), slots_t
+        self.token_range = (min(idx), max(idx))  # of idx, padding included: the model's id check reads it here
+        self.all_have_prev = min(prev) >= 0  # no sequence starts in this step
+        self.seq_lens_list, self.q_lens_list = seq_lens, q_lens
         # The slots of the real tokens (padding skipped), for the PyTorch path's append: one index_copy_ a layer.
-        real = np.flatnonzero(slots.ravel() >= 0)
-        self._real_rows = None if real.size == B * T else torch.from_numpy(real).to(cache.device)
-        self._real_slots = slots_t if self._real_rows is None else slots_t[self._real_rows]
+        self._real_rows = None
+        self._real_slots = slots_t
+        if any(m != T for m in q_lens):
+            rows = [i * T + t for i, m in enumerate(q_lens) for t in range(m)]
+            self._real_rows = torch.tensor(rows, dtype=torch.int64).to(cache.device, non_blocking=True)
+            self._real_slots = slots_t[self._real_rows]
         self._plan = None
         if cache.impl == "torch":
-            self._plan = PagedPlan([s.pages for s in seqs], lens[0].tolist(), self.q_lens_list, T, ps, cache.device)
+            self._plan = PagedPlan([s.pages for s in seqs], seq_lens, q_lens, T, ps, cache.device)
+
+    @functools.cached_property
+    def block_table(self) -> torch.Tensor:
+        """(B, max_pages) int32: each sequence's pages, padded with page 0."""
+        width = max(1, max(len(s.pages) for s in self.seqs))
+        rows = [s.pages + [0] * (width - len(s.pages)) for s in self.seqs]
+        return torch.tensor(rows, dtype=torch.int32).to(self.cache.device, non_blocking=True)
+
+    @functools.cached_property
+    def seq_lens(self) -> torch.Tensor:
+        """(B,) int32 tokens in the cache per sequence, this step's included."""
+        return torch.tensor(self.seq_lens_list, dtype=torch.int32).to(self.cache.device, non_blocking=True)
+
+    @functools.cached_property
+    def q_lens(self) -> torch.Tensor:
+        """(B,) int32 this step's real tokens per sequence."""
+        return torch.tensor(self.q_lens_list, dtype=torch.int32).to(self.cache.device, non_blocking=True)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The cache's `PagedKVCache.linear` (a prepacked x @ w.T on a CPU)."""
+        return self.cache.linear(x, w)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         """q (B, T, H, D), k and v (B, T, Hkv, D) for this step's tokens -> (B, T, H, D)."""
@@ -261,6 +311,8 @@ class PagedBatch:
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The row of each sequence's last real token: (B, T, ...) -> (B, ...)."""
+        if x.size(1) == 1:
+            return x[:, 0]
         return x[torch.arange(x.size(0), device=x.device), self.q_lens.to(x.device).long() - 1]
 
     def commit(self) -> None:

@@ -243,7 +243,7 @@ def _run_start(pages: list[int], page_size: int) -> int | None:
     """The first slot of a sequence whose pages are consecutive (the common case: the engine's allocator hands a
     sequence one run of pages), else None."""
     p0 = pages[0]
-    if pages[-1] - p0 == len(pages) - 1 and all(p == p0 + i for i, p in enumerate(pages)):
+    if pages[-1] - p0 == len(pages) - 1 and pages == list(range(p0, p0 + len(pages))):
         return p0 * page_size
     return None
 
@@ -310,7 +310,8 @@ def _paged_attention_torch(q, k_pages, v_pages, plan: PagedPlan, window, scale):
         shape, stride = (count, Hkv, n - lo, D), (step * row, D, row, 1)
         kt = k_flat.as_strided(shape, stride, k_flat.storage_offset() + (start + lo) * row)
         vt = v_flat.as_strided(shape, stride, v_flat.storage_offset() + (start + lo) * row)
-        y = F.scaled_dot_product_attention(q[rows, 0].unsqueeze(2), kt, vt, scale=scale, enable_gqa=H != Hkv)
+        qt = q.transpose(1, 2) if out is None else q[rows, 0].unsqueeze(2)  # (count, H, 1, D)
+        y = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=H != Hkv)
         if out is None:
             return y.transpose(1, 2)
         out[rows, 0] = y[:, :, 0]

@@ -401,3 +401,55 @@ def test_greedy_is_the_same_on_views_strided_runs_and_gathers(model):
                 assert any(p.whole and p.batch == 4 for p in decode)
             else:  # three lengths, three calls
                 assert any(len(p.runs) == 3 for p in decode)
+
+
+def test_flat_cached_layers_equal_the_blocks(model):
+    """GPT._cached_layers (a cached step on the PyTorch path, written out flat) gives the blocks' logits, for a
+    prefill chunk and the decode steps after it, bf16 tables included."""
+    import copy
+
+    from tritonchat.engine.kv_cache import PagedKVCache, SequenceKV
+
+    for m in (model, copy.deepcopy(model)):
+        if m is not model:
+            m.set_compute_dtype(torch.float32, torch.bfloat16)
+        logits = {}
+        for flat in (True, False):
+            m.flat_decode = flat
+            cache = PagedKVCache(2, 16, 4, 1, 128)
+            seqs = [SequenceKV(), SequenceKV()]
+            for s in seqs:
+                cache.reserve(s, 20)
+            out = []
+            with torch.inference_mode():
+                for chunks in ([[5, 17, 99, 3, 250], [9, 8]], [[7], [1]], [[40], [41]], [[2], [3, 4, 5]]):
+                    b = cache.batch(seqs, chunks)
+                    out.append(m(b.idx, cache=b))
+                    b.commit()
+            logits[flat] = out
+        m.flat_decode = True
+        for a, b in zip(logits[True], logits[False]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_lm_head_follows_the_weight():
+    """PagedKVCache.linear (the lm_head of cached CPU inference, through a prepacked weight at 4 rows and more)
+    equals F.linear, is remade after the weight changes in place, and leaves the model copyable."""
+    import copy
+
+    from tritonchat.engine.kv_cache import PagedKVCache
+
+    cache = PagedKVCache(1, 2, 4, 1, 128)
+    w = torch.randn(300, 64)
+    for rows in (1, 5, 32):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(cache.linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    packed = dict(cache._packed)
+    assert packed or not torch.backends.mkldnn.is_available()  # the prepacked path ran where the build has it
+    with torch.no_grad():
+        w.mul_(-2.0)  # an optimizer step between two rounds of sampling
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(cache.linear(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    engine = Engine(random_gpt(), page_size=4, max_batch_size=4, max_seq_len=32, impl="torch")
+    engine.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=3, temperature=0.0, stop_tokens=()))
+    copy.deepcopy(engine.model)  # the packed copy lives in the cache, not the model
