@@ -16,9 +16,10 @@ Training step (one micro-batch of 2048 tokens, then the optimizer step and zero_
 Evaluation: the no-grad forward with per-token losses of the same three. Decode: one engine.step() with B
 greedy requests running (after a prompt of --prompt-len tokens) against the reference engine's step restated: a
 plain eager forward over a contiguous (L, B, T, H, D) cache, then its temperature-0 sampling (argmax, tokens to
-the host) feeding the next step. Each timed unit alternates its variants, --reps times; medians, with min and max as the
-spread. The first call of each variant (compilation included) is reported as warm-up seconds. The machine may be
-shared: the spread says how much. The result goes to bench/results/cpu_<device>_<time>.json (bench.common).
+the host) feeding the next step. Each timed unit alternates its variants, --reps (--decode-reps) times; medians,
+with min and max as the spread. The first call of each variant (compilation included) is reported as warm-up
+seconds. The machine may be shared: the spread says how much. The result goes to
+bench/results/cpu_<device>_<time>.json (bench.common).
 """
 
 from __future__ import annotations
@@ -259,14 +260,15 @@ def decode_unit(depth: int, batch: int, args, deadline: float) -> dict:
     rest = Restated(model)
     gen = torch.Generator().manual_seed(2)
     prompts = torch.randint(0, cfg.vocab_size, (batch, P), generator=gen)
-    engine = Engine(model, None, max_batch_size=batch, max_seq_len=P + args.reps + 8, prefill_chunk=batch * P,
+    reps = args.decode_reps
+    engine = Engine(model, None, max_batch_size=batch, max_seq_len=P + reps + 8, prefill_chunk=batch * P,
                     impl="torch")
-    params = SamplingParams(max_tokens=args.reps + 4, temperature=0.0, stop_tokens=[])
+    params = SamplingParams(max_tokens=reps + 4, temperature=0.0, stop_tokens=[])
     for p in prompts.tolist():
         engine.add_request(p, params)
     while engine.num_waiting or not engine.num_running:
         engine.step()
-    shape = (cfg.n_layer, batch, P + args.reps + 8, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
+    shape = (cfg.n_layer, batch, P + reps + 8, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
     kc, vc = torch.zeros(shape), torch.zeros(shape)
     state = {"pos": P, "tok": prompts[:, -1], "prev": prompts[:, -2]}
     with torch.no_grad():  # fill the contiguous cache with the prompt (its values are not compared, only timed)
@@ -279,7 +281,7 @@ def decode_unit(depth: int, batch: int, args, deadline: float) -> dict:
         nxt = torch.argmax(logits, dim=-1, keepdim=True)
         state["prev"], state["tok"] = state["tok"], torch.tensor(nxt[:, 0].tolist())
 
-    out = _alternate({"engine": engine.step, "contiguous": contiguous}, args.reps, deadline)
+    out = _alternate({"engine": engine.step, "contiguous": contiguous}, reps, deadline)
     return {"depth": depth, "batch": batch, "context": P, "decode": out,
             "ratio_engine_vs_contiguous": out["contiguous"]["median_s"] / out["engine"]["median_s"]}
 
@@ -307,7 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-batches", default=None, help="comma-separated (default 1,8,32; 2 dry)")
     p.add_argument("--decode-depth", type=int, default=None, help="default 4 (1 dry)")
     p.add_argument("--prompt-len", type=int, default=None, help="decode context (default 512; 8 dry)")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds per unit (default 5; 1 dry)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per training unit (default 5; 1 dry)")
+    p.add_argument("--decode-reps", type=int, default=None, help="timed decode steps per unit (default 40; 2 dry)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--budget", type=float, default=1800.0, help="seconds; units that start after it are skipped")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
@@ -315,7 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     for name, full, tiny in (("depths", "4,8", "1"), ("seq_lens", "256,512", "32"), ("tokens", TOKENS, 64),
                              ("vocab_size", 32768, 256), ("decode_batches", "1,8,32", "2"), ("decode_depth", 4, 1),
-                             ("prompt_len", 512, 8), ("reps", 5, 1)):
+                             ("prompt_len", 512, 8), ("reps", 5, 1), ("decode_reps", 40, 2)):
         if getattr(a, name) is None:
             setattr(a, name, tiny if a.dry_run else full)
     for name in ("depths", "seq_lens", "decode_batches"):
@@ -334,6 +337,7 @@ def main(argv=None) -> dict:
     deadline = start + args.budget
     result = {"conditions": {"threads": torch.get_num_threads(), "dtype": "float32", "tokens_per_step": args.tokens,
                              "vocab_size": args.vocab_size, "dry_run": args.dry_run, "reps": args.reps,
+                             "decode_reps": args.decode_reps,
                              "note": "medians of alternating runs; min/max is the spread; the machine may be shared"},
               "train": [], "decode": [], "skipped": []}
     units = [("train", d, t) for d in args.depths for t in args.seq_lens]

@@ -368,7 +368,9 @@ class GPT(nn.Module):
         if cache is None:
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:  # every token's rotary angles at its absolute position: (B, T, 1, D/2)
-            cos, sin = self.cos[0, cache.positions], self.sin[0, cache.positions]
+            at = cache.positions.view(-1)
+            cos = self.cos[0].index_select(0, at).view(B, T, 1, -1)
+            sin = self.sin[0].index_select(0, at).view(B, T, 1, -1)
         act = self.compute_dtype
         x = ops.rms_norm(self.transformer.wte(idx).to(act))  # (B, T, C) in the compute dtype
         if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache

@@ -306,8 +306,10 @@ class PagedBatch:
             vp.view(-1, Hkv, D).index_copy_(0, self._real_slots, v)
         else:
             paged_kv_append(kp, vp, k, v, self.slots, impl=self.cache.impl)
+        if self._plan is not None:  # the plan stands in for the index tensors (never built on this path)
+            return paged_attention(q, kp, vp, None, None, None, window=window, impl="torch", plan=self._plan)
         return paged_attention(q, kp, vp, self.block_table, self.seq_lens, self.q_lens, window=window,
-                               impl=self.cache.impl, plan=self._plan)
+                               impl=self.cache.impl)
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The row of each sequence's last real token: (B, T, ...) -> (B, ...)."""

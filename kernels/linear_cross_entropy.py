@@ -169,7 +169,10 @@ def _fused_loss_and_grads(x, w, t, softcap, ignore_index, rows, scale, need_x, n
         if gx is not None:
             torch.mm(g, w, out=gx[s:s + rows])
         if gw is not None:
-            gw.add_(g.t() @ xc)
+            if g.dtype == gw.dtype:  # accumulated in place: no (V, C) temporary per chunk
+                gw.addmm_(g.t(), xc)
+            else:  # 16-bit chunks into the fp32 sum
+                gw.add_(g.t() @ xc)
     return losses, gx, gw
 
 

@@ -341,8 +341,8 @@ def paged_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    seq_lens: torch.Tensor | None,
     q_lens: torch.Tensor | None = None,
     *,
     window: int | None = None,
@@ -359,7 +359,8 @@ def paged_attention(
     window: None or an int >= 0. scale: None means 1/sqrt(D). num_splits: KV splits (None: chosen from the
     batch and the device). Returns (B, Tq, H, D) in q's dtype, zero on padding rows. Not differentiable.
     plan: a `PagedPlan` of these very indices, for a caller that attends with them in many layers (one step of
-    every layer of a model) and built them itself: no input is checked, and the PyTorch path follows the plan.
+    every layer of a model) and built them itself: no input is checked, and the PyTorch path follows the plan
+    (with impl="torch", block_table, seq_lens and q_lens may then be None: only the Triton path reads them).
     """
     if plan is not None:
         scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
