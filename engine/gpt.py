@@ -398,12 +398,11 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.to(x.dtype) * x_mid
         return ops.rms_norm(x)
 
-
     def _cached_layers(self, x, x0, idx, cos, sin, cache) -> torch.Tensor:
         """The layers and the final norm of a cached step on the PyTorch path (`Ops(trusted=True)`), written out
         flat: the same ops as `_layer` and the blocks, in the same order, with the per-call Python of the modules
         and op wrappers left out (a decode step is a few hundred tiny ops on a CPU, where that Python is a large
-        share of the time). tests/engine/test_gpt.py checks it against the blocks."""
+        share of the time). tests/engine/test_engine.py checks it against the blocks."""
         dt, C, n_mid = x.dtype, self.config.n_embd, self.config.n_layer // 2
         lin = _cast_linear
         x_mid = None

@@ -140,7 +140,7 @@ class PagedKVCache:
         self._packed: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (its key, prepacked copy)
         self._pack_ok = self.k.device.type == "cpu"
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x @ w.T for the model's inference on a CPU (GPT uses it for the lm_head), through a copy of w prepacked
         for oneDNN's GEMM: at a decode step's 4 rows and more it is faster than the plain matmul. The copy is
         made on first use and remade whenever w changes (e.g. an optimizer step between two rounds of sampling, as
