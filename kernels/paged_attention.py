@@ -274,6 +274,14 @@ class PagedPlan:
 
     def __init__(self, block_table: list[list[int]], seq_lens: list[int], q_lens: list[int], Tq: int,
                  page_size: int, device: torch.device) -> None:
+        if not (len(block_table) == len(seq_lens) == len(q_lens)) or page_size < 1:
+            raise ValueError(f"PagedPlan needs one block-table row, seq_len and q_len per sequence and page_size >= 1, "
+                             f"got {len(block_table)}, {len(seq_lens)}, {len(q_lens)} and {page_size}")
+        for b, (pages, n, m) in enumerate(zip(block_table, seq_lens, q_lens)):
+            used = pages[: -(-n // page_size)]
+            if not 0 <= m <= min(n, Tq) or len(pages) * page_size < n or min(used, default=0) < 0:
+                raise ValueError(f"sequence {b}: need 0 <= q_len <= min(seq_len, Tq) ({m}, {n}, {Tq}), pages for "
+                                 f"seq_len tokens ({len(pages)} x {page_size}) and page ids >= 0")
         self.batch, self.Tq = len(seq_lens), Tq
         self.runs: list[tuple[int, list[int] | slice, int, int, int]] = []  # (length, rows, count, slot, step)
         self.others: list[tuple[int, int, int, int | None, torch.Tensor | None]] = []  # (b, n, m, slot, pages)

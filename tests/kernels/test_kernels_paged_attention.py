@@ -223,3 +223,16 @@ def test_torch_path_keeps_nan_to_its_sequence():
     got = paged_attention(q, kp, vp, bt, sl, ql, impl="torch")
     assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
     torch.testing.assert_close(got[[0, 2]], paged_attention_ref(q, kp, vp, bt, sl, ql)[[0, 2]])
+
+
+def test_plan_bad_inputs():
+    from tritonchat.kernels.paged_attention import PagedPlan
+
+    with pytest.raises(ValueError, match="one block-table row"):
+        PagedPlan([[0]], [4, 4], [1, 1], 1, 16, torch.device("cpu"))
+    with pytest.raises(ValueError, match="sequence 0"):
+        PagedPlan([[0]], [40], [1], 1, 16, torch.device("cpu"))  # 40 tokens on one page of 16
+    with pytest.raises(ValueError, match="sequence 1"):
+        PagedPlan([[0], [1]], [4, 2], [1, 3], 3, 16, torch.device("cpu"))  # q_len > seq_len
+    with pytest.raises(ValueError, match="sequence 0"):
+        PagedPlan([[-1]], [4], [1], 1, 16, torch.device("cpu"))
