@@ -86,35 +86,6 @@ def norm(x: torch.Tensor, impl: str = "torch") -> torch.Tensor:
     return kernels.rms_norm(x, impl=impl)
 
 
-class Ops:
-    """The fused ops a forward calls, bound to the model's impl.
-
-    trusted=True is for the cached forwards of inference on the PyTorch path: their inputs are built by the model
-    and its cache, so the references are called directly, without the public functions' input checks (a public
-    function on the PyTorch path is its reference behind those checks: the same math, bit for bit)."""
-
-    def __init__(self, impl: str, trusted: bool = False) -> None:
-        self.impl, self.trusted = impl, trusted and impl == "torch"
-
-    def rms_norm(self, x):
-        return kernels.rms_norm_ref(x) if self.trusted else kernels.rms_norm(x, impl=self.impl)
-
-    def mix_rms_norm(self, x, x0, a, b):
-        if self.trusted:
-            return kernels.mix_rms_norm_ref(x, x0, a, b)
-        return kernels.mix_rms_norm(x, x0, a, b, impl=self.impl)
-
-    def rope_qk_norm(self, q, k, cos, sin, scale):
-        if self.trusted:  # q and k side by side through one RoPE and one norm (rows are independent in both)
-            qk = kernels.rms_norm_ref(kernels.apply_rope_ref(torch.cat([q, k], dim=2), cos, sin)) * scale
-            return qk[:, :, : q.size(2)], qk[:, :, q.size(2):]
-        return kernels.rope_qk_norm(q, k, cos, sin, scale=scale, impl=self.impl)
-
-    def relu2_mlp(self, x, w_fc, w_proj):
-        return kernels.relu2_mlp_ref(x, w_fc, w_proj) if self.trusted else kernels.relu2_mlp(x, w_fc, w_proj,
-                                                                                             impl=self.impl)
-
-
 class Linear(nn.Linear):
     """A bias-free Linear whose fp32 master weight is cast to the activation dtype in forward."""
 
@@ -122,8 +93,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,7 +108,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(C, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, window: int, ops: Ops, cache=None) -> torch.Tensor:
+    def forward(self, x, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, HEAD_DIM)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, HEAD_DIM)  # (B, T, Hkv, D)
@@ -146,9 +116,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, HEAD_DIM)
-        q, k = ops.rope_qk_norm(q, k, cos, sin, 1.2)
+        q, k = kernels.rope_qk_norm(q, k, cos, sin, scale=1.2, impl=impl)
         if cache is None:
-            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=ops.impl)  # (B, T, H, D)
+            y = kernels.flash_attention(q, k, v, causal=True, window=window, impl=impl)  # (B, T, H, D)
         else:  # append this chunk's k, v to the cache's pages, then attend over each whole sequence
             y = cache.attend(self.layer_idx, q, k, v, window)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
@@ -160,8 +130,8 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return ops.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
+    def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
+        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, impl=impl)
 
 
 class Block(nn.Module):
@@ -170,10 +140,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, x_normed, ve, cos, sin, window: int, ops: Ops, cache=None) -> torch.Tensor:
+    def forward(self, x, x_normed, ve, cos, sin, window: int, impl: str, cache=None) -> torch.Tensor:
         """x: the residual stream entering the block; x_normed = norm(x), made by the fused residual entry."""
-        x = x + self.attn(x_normed, ve, cos, sin, window, ops, cache)
-        return x + self.mlp(ops.rms_norm(x), ops)
+        x = x + self.attn(x_normed, ve, cos, sin, window, impl, cache)
+        return x + self.mlp(norm(x, impl), impl)
 
 
 class GPT(nn.Module):
@@ -312,16 +282,13 @@ class GPT(nn.Module):
         self.compile_ops = True
         self._compiled_hidden = torch.compile(self._hidden, dynamic=False) if body else None
 
-    def _layer(self, i: int, x, x0, idx, cos, sin, cache, ops: Ops | None = None) -> torch.Tensor:
+    def _layer(self, i: int, x, x0, idx, cos, sin, cache) -> torch.Tensor:
         """Layer i: the fused residual entry (x = resid_lambdas[i]*x + x0_lambdas[i]*x0 and its norm in one pass),
         the value embedding, the block."""
-        ops = ops or Ops(self.impl)
-        x, x_normed = ops.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i])
-        ve = None
-        if str(i) in self.value_embeds:
-            ve = self.value_embeds[str(i)](idx)
-            ve = ve if ve.dtype == x.dtype else ve.to(x.dtype)
-        return self.transformer.h[i](x, x_normed, ve, cos, sin, self.windows[i], ops, cache)
+        impl = self.impl
+        x, x_normed = kernels.mix_rms_norm(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], impl=impl)
+        ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+        return self.transformer.h[i](x, x_normed, ve, cos, sin, self.windows[i], impl, cache)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean", cache=None,
@@ -364,7 +331,6 @@ class GPT(nn.Module):
         """The final normed hidden states (B, T, C) of checked token ids (see forward)."""
         B, T = idx.shape
         impl = self.impl
-        ops = Ops(impl, trusted=cache is not None)
         if cache is None:
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:  # every token's rotary angles at its absolute position: (B, T, 1, D/2)
@@ -372,37 +338,38 @@ class GPT(nn.Module):
             cos = self.cos[0].index_select(0, at).view(B, T, 1, -1)
             sin = self.sin[0].index_select(0, at).view(B, T, 1, -1)
         act = self.compute_dtype
-        x = ops.rms_norm(self.transformer.wte(idx).to(act))  # (B, T, C) in the compute dtype
+        x = norm(self.transformer.wte(idx).to(act), impl)  # (B, T, C) in the compute dtype
         if cache is not None:  # smear across the chunk boundary: the previous token comes from the cache
             if cache.all_have_prev:
-                x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens[:, None]).to(act))
+                x_first = norm(self.transformer.wte(cache.prev_tokens[:, None]).to(act), impl)
             else:
                 has_prev = (cache.prev_tokens >= 0)[:, None, None]
-                x_first = ops.rms_norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act)) * has_prev
+                x_first = norm(self.transformer.wte(cache.prev_tokens.clamp_min(0)[:, None]).to(act), impl) * has_prev
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
             x = x + gate * (x_first if T == 1 else torch.cat([x_first, x[:, :-1]], dim=1))
         elif T > 1:  # smear: mix the previous token's embedding in, gated by the current one
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
             x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x0, x_mid = x, None
-        if ops.trusted and self.flat_decode:
+        if cache is not None and impl == "torch" and self.flat_decode:
             return self._cached_layers(x, x0, idx, cos, sin, cache)
         for i in range(self.config.n_layer):
             if self.recompute and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._layer, i, x, x0, idx, cos, sin, None, use_reentrant=False)
             else:
-                x = self._layer(i, x, x0, idx, cos, sin, cache, ops)
+                x = self._layer(i, x, x0, idx, cos, sin, cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         if x_mid is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
-        return ops.rms_norm(x)
+        return norm(x, impl)
 
     def _cached_layers(self, x, x0, idx, cos, sin, cache) -> torch.Tensor:
-        """The layers and the final norm of a cached step on the PyTorch path (`Ops(trusted=True)`), written out
-        flat: the same ops as `_layer` and the blocks, in the same order, with the per-call Python of the modules
-        and op wrappers left out (a decode step is a few hundred tiny ops on a CPU, where that Python is a large
-        share of the time). tests/engine/test_engine.py checks it against the blocks."""
+        """The layers and the final norm of a cached step on the PyTorch path, written out flat: the references of
+        the ops `_layer` and the blocks call, in the same order, without the per-call Python of the modules and
+        the public functions' input checks (the model and its cache built these inputs; a decode step is a few
+        hundred tiny ops on a CPU, where that Python is a large share of the time). tests/engine/test_engine.py
+        checks it against the blocks."""
         dt, C, n_mid = x.dtype, self.config.n_embd, self.config.n_layer // 2
         lin = _cast_linear
         x_mid = None
@@ -414,10 +381,9 @@ class GPT(nn.Module):
             q = lin(xn, a.c_q.weight).view(B, T, a.n_head, HEAD_DIM)
             k = lin(xn, a.c_k.weight).view(B, T, a.n_kv_head, HEAD_DIM)
             v = lin(xn, a.c_v.weight).view(B, T, a.n_kv_head, HEAD_DIM)
-            ve = self.value_embeds[str(i)].weight if a.ve_gate is not None else None
-            if ve is not None:
-                gate = 3 * torch.sigmoid(lin(xn[..., :VE_GATE_CHANNELS], a.ve_gate.weight))
-                v = v + gate.unsqueeze(-1) * F.embedding(idx, ve).to(dt).view(B, T, a.n_kv_head, HEAD_DIM)
+            if a.ve_gate is not None:
+                ve = F.embedding(idx, self.value_embeds[str(i)].weight).to(dt).view(B, T, a.n_kv_head, HEAD_DIM)
+                v = v + 3 * torch.sigmoid(lin(xn[..., :VE_GATE_CHANNELS], a.ve_gate.weight)).unsqueeze(-1) * ve
             qk = kernels.rms_norm_ref(kernels.apply_rope_ref(torch.cat([q, k], dim=2), cos, sin)) * 1.2
             y = cache.attend(i, qk[:, :, : a.n_head], qk[:, :, a.n_head:], v, self.windows[i])
             x = x + lin(y.reshape(B, T, -1), a.c_proj.weight)

@@ -32,8 +32,6 @@ from pathlib import Path
 import torch
 from tritonchat.engine.checkpoint import (
     config_from_meta,
-    find_last_step,
-    find_latest_checkpoint,
     load_checkpoint,
     load_meta,
     optim_path,
@@ -46,7 +44,6 @@ from tritonchat.engine.cli import (
     UsageError,
     add_training_runtime_flags,
     command_name,
-    resolve_device,
     run_main,
 )
 from tritonchat.engine.gpt import GPT, build_model
@@ -54,25 +51,20 @@ from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.report import update_report
 from tritonchat.engine.tokenizer import Tokenizer, load_token_bytes
 from tritonchat.scripts.chat_cli import SOURCES
+from tritonchat.scripts.tuning import FALLBACKS, check_vocab, setup, source_checkpoint
 from tritonchat.tasks.datafiles import iter_jsonl
 from tritonchat.train import reference
 from tritonchat.train.config import activation_bytes, recompute_choice
-from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from tritonchat.train.dist import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from tritonchat.train.loop import MetricsLog, reference_optimizer_shards
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.progress import Heartbeat, InterruptGuard, format_duration, interrupt_after
 from tritonchat.train.setup import (
-    check_impl,
     release_freed_memory_if_large,
-    resolve_dtype,
-    resolve_embedding_dtype,
 )
 
 PROG = command_name("scripts.chat_sft")
 SINGLE = DistInfo()
-# What the reference falls back to when the base checkpoint does not say.
-FALLBACKS = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
-             "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "scalar_lr": 0.5}
 
 
 # ---- conversations ----------------------------------------------------------------------------------
@@ -430,22 +422,6 @@ def evaluate(model: GPT, batches, max_batches: int, token_bytes: torch.Tensor,
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def _source(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int]:
-    if args.source_dir:
-        d = Path(args.source_dir)
-        if not d.is_dir():
-            raise UsageError(f"--source-dir {d}: no such folder")
-        step = find_last_step(d) if args.step is None else args.step
-    else:
-        try:
-            d, step = find_latest_checkpoint(base_dir / "base_checkpoints")
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}: pretrain one (`python -m train`), or pass --source-dir") from None
-        step = step if args.step is None else args.step
-    load_meta(d, step)  # a clear error for a missing or broken --step
-    return d, step
-
-
 def _load_base_optimizer(opt: MuonAdamW, src: Path, step: int, meta: dict, info: DistInfo, device, say) -> None:
     """The base run's optimizer state (momentum buffers), when it was written by as many ranks as this run has
     (or by the reference trainer, converted); the learning rates are kept as this run set them."""
@@ -473,28 +449,19 @@ def train_sft(args: argparse.Namespace, stop_after: int | None = None) -> dict:
     "val_bpb": {...}, "out_dir", "final_step", "settings"}. `stop_after` ends after that many steps of this
     invocation (a simulated interruption; a checkpoint only where --save-every puts one)."""
     with Heartbeat(None if args.quiet else print) as hb, InterruptGuard() as guard:
-        device = resolve_device(args.device)
-        info = init_distributed(device.type)
-        if device.type == "cuda" and info.enabled:
-            device = torch.device("cuda", info.local_rank)
+        st = setup(args)
+        device, info, dtype, emb_dtype, impl, base_dir = st.device, st.info, st.dtype, st.embedding_dtype, st.impl, \
+            st.base_dir
         if not info.is_main:
             hb = Heartbeat(None)
-        dtype = resolve_dtype(args.dtype, device)
-        emb_dtype = resolve_embedding_dtype(args.embedding_dtype)
-        impl = check_impl(args.impl, device)
-        base_dir = Path(args.base_dir or get_base_dir())
-        tok_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
-        if not (tok_dir / "tokenizer.pkl").exists():
-            raise FileNotFoundError(f"no tokenizer in {tok_dir}: train one with `python -m scripts.tok_train`")
-        tokenizer, token_bytes = Tokenizer.from_directory(tok_dir), load_token_bytes(tok_dir, device)
+        tokenizer, token_bytes = st.tokenizer, load_token_bytes(st.tokenizer_dir, device)
 
         resuming = args.resume_from_step >= 0
-        src, src_step = _source(args, base_dir)
+        src, src_step = source_checkpoint(args, base_dir, "base",
+                                          missing="pretrain one (`python -m train`), or pass --source-dir")
         src_meta = load_meta(src, src_step)
         config = config_from_meta(src_meta["model_config"])
-        if config.vocab_size != tokenizer.get_vocab_size():
-            raise UsageError(f"vocabulary mismatch: the tokenizer in {tok_dir} has {tokenizer.get_vocab_size()} "
-                             f"tokens, the checkpoint in {src} {config.vocab_size}")
+        check_vocab(config, tokenizer, src, st.tokenizer_dir)
         out_dir = Path(args.out_dir) if args.out_dir else base_dir / SOURCES["sft"] / f"d{config.n_layer}"
 
         train_set, val_set, where = load_datasets(args)

@@ -1,5 +1,6 @@
-"""What chat_rl and chat_pref share: the run's devices and tokenizer, the chat checkpoint they start from, the
-policy and its optimizer (chat_sft's recipe: MuonAdamW over `build_param_groups`, the learning rates inherited
+"""What the finetuning commands (chat_sft, chat_rl, chat_pref) share: the run's devices and tokenizer, the
+checkpoint they start from, the reference's fallback settings; for chat_rl and chat_pref also the policy and its
+optimizer (chat_sft's recipe: MuonAdamW over `build_param_groups`, the learning rates inherited
 from the source checkpoint times an --init-lr-frac), checkpoints in the base layout written atomically, and the
 one line Ctrl-C ends with."""
 
@@ -25,12 +26,14 @@ from tritonchat.engine.gpt import GPT, build_model
 from tritonchat.engine.paths import get_base_dir
 from tritonchat.engine.tokenizer import Tokenizer
 from tritonchat.scripts.chat_cli import SOURCES
-from tritonchat.scripts.chat_sft import FALLBACKS
 from tritonchat.train.dist import DistInfo, barrier, init_distributed
 from tritonchat.train.optim import MuonAdamW, build_param_groups
 from tritonchat.train.setup import check_impl, release_freed_memory_if_large, resolve_dtype, resolve_embedding_dtype
 
 LRS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+# What the reference falls back to when the base checkpoint does not say.
+FALLBACKS = {"max_seq_len": 2048, "device_batch_size": 32, "total_batch_size": 524288,
+             "embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "scalar_lr": 0.5}
 
 
 def add_common_flags(p: argparse.ArgumentParser, source_default: str = "sft") -> None:
@@ -63,6 +66,7 @@ class Setup:
     embedding_dtype: torch.dtype
     impl: str
     base_dir: Path
+    tokenizer_dir: Path
     tokenizer: Tokenizer
 
 
@@ -78,12 +82,13 @@ def setup(args: argparse.Namespace) -> Setup:
     tok_dir = Path(args.tokenizer_dir or base_dir / "tokenizer")
     if not (tok_dir / "tokenizer.pkl").exists():
         raise FileNotFoundError(f"no tokenizer in {tok_dir}: train one with `python -m scripts.tok_train`")
-    return Setup(device, info, dtype, emb_dtype, impl, base_dir, Tokenizer.from_directory(tok_dir))
+    return Setup(device, info, dtype, emb_dtype, impl, base_dir, tok_dir, Tokenizer.from_directory(tok_dir))
 
 
-def source_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, int]:
-    """(folder, step) to start from: --source-dir (and --step), else the newest complete checkpoint of
-    --source under <base>."""
+def source_checkpoint(args: argparse.Namespace, base_dir: Path, phase: str | None = None,
+                      missing: str = "train one first, or pass -i or --source-dir") -> tuple[Path, int]:
+    """(folder, step) to start from: --source-dir (and --step), else the newest complete checkpoint of `phase`
+    (default --source) under <base>; `missing` says what to do when there is none."""
     if args.source_dir:
         d = Path(args.source_dir)
         if not d.is_dir():
@@ -91,17 +96,18 @@ def source_checkpoint(args: argparse.Namespace, base_dir: Path) -> tuple[Path, i
         step = find_last_step(d) if args.step is None else args.step
     else:
         try:
-            d, step = find_latest_checkpoint(base_dir / SOURCES[args.source])
+            d, step = find_latest_checkpoint(base_dir / SOURCES[phase or args.source])
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}: train one first, or pass -i or --source-dir") from None
+            raise FileNotFoundError(f"{e}: {missing}") from None
         step = step if args.step is None else args.step
     load_meta(d, step)  # a clear error for a missing or broken --step
     return d, step
 
 
-def check_vocab(config, tokenizer: Tokenizer, where) -> None:
+def check_vocab(config, tokenizer: Tokenizer, where, tokenizer_dir: Path | None = None) -> None:
     if config.vocab_size != tokenizer.get_vocab_size():
-        raise UsageError(f"vocabulary mismatch: the tokenizer has {tokenizer.get_vocab_size()} tokens, the "
+        tok = "the tokenizer" if tokenizer_dir is None else f"the tokenizer in {tokenizer_dir}"
+        raise UsageError(f"vocabulary mismatch: {tok} has {tokenizer.get_vocab_size()} tokens, the "
                          f"checkpoint in {where} {config.vocab_size}")
 
 
